@@ -1,0 +1,5 @@
+"""The one exception type users see for bad input: its message names the problem and the fix."""
+
+
+class BespokeError(ValueError):
+    """Bad input (unknown name, wrong shape, unsupported NFE, corrupt file, ...)."""

@@ -1,0 +1,119 @@
+"""Every sampler behind one interface: `solver(name, nfe=N)` returns a `Solver`.
+
+Built-in methods (each a short program over the shared machinery; each also compiles to NS form):
+
+    name       method                                              NFE            default grid
+    euler      RK1                                                 any            uniform
+    midpoint   RK2 (midpoint)                                      2 per step     uniform
+    heun       RK2 (Heun / trapezoidal)                            2 per step     uniform
+    rk4        classical RK4                                       4 per step     uniform
+    ddim       DDIM, deterministic                                 any            uniform
+    dpm++2m    DPM-Solver++(2M), first order at first/last step    any            logsnr
+    unipc      UniPC bh2, order 2 (option order=1..3)              any            logsnr
+    ipndm      iPNDM, Adams-Bashforth 4 (option order=1..4)        any            edm
+    edm-heun   EDM sampler: Heun in sigma, final Euler step        odd: 2N - 1    edm (from sigma_max = 80)
+
+Default grids follow the field's recommendations (anchors §1.2): logSNR for DPM-Solver++ and
+UniPC, EDM's rho = 7 for iPNDM and EDM-Heun; uniform t for the RK methods and DDIM, which is the
+grid of the RK baselines in [BES]/[BNS] and DDIM's uniform timesteps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from ..errors import BespokeError
+from .base import Dedicated, Solver
+from .exponential import ddim, dpmpp_2m, unipc
+from .grids import GRIDS, edm, grid_by_name
+from .multistep import ipndm
+from .nonstationary import NSSolver, compile_ns
+from .rk import EULER, HEUN, MIDPOINT, RK4, edm_heun, rk_program
+
+__all__ = ["solver", "SOLVER_NAMES", "Solver", "NSSolver", "Dedicated", "compile_ns", "METHODS"]
+
+
+@dataclass(frozen=True)
+class Method:
+    program: Callable
+    grid: str
+    evals_per_step: int = 1  # NFE = evals_per_step * steps - saved_evals
+    saved_evals: int = 0
+    needs_scheduler: bool = False
+    options: tuple[str, ...] = ()
+
+    def steps_for(self, name: str, nfe: int) -> int:
+        steps, rem = divmod(nfe + self.saved_evals, self.evals_per_step)
+        if rem or steps < 1 or nfe < 1:
+            raise BespokeError(f"{name} cannot take nfe={nfe}; it takes {self.nfe_rule()}")
+        return steps
+
+    def nfe_rule(self) -> str:
+        k, s = self.evals_per_step, self.saved_evals
+        if k == 1:
+            return "any NFE >= 1"
+        valid = ", ".join(str(k * n - s) for n in range(1, 5))
+        how = f"{k} evaluations per step" + (f", {s} fewer on the last" if s else "")
+        return f"NFE = {valid}, ... ({how})"
+
+
+METHODS: dict[str, Method] = {
+    "euler": Method(rk_program(EULER), "uniform"),
+    "midpoint": Method(rk_program(MIDPOINT), "uniform", evals_per_step=2),
+    "heun": Method(rk_program(HEUN), "uniform", evals_per_step=2),
+    "rk4": Method(rk_program(RK4), "uniform", evals_per_step=4),
+    "ddim": Method(ddim, "uniform", needs_scheduler=True),
+    "dpm++2m": Method(dpmpp_2m, "logsnr", needs_scheduler=True),
+    "unipc": Method(unipc, "logsnr", needs_scheduler=True, options=("order",)),
+    "ipndm": Method(ipndm, "edm", options=("order",)),
+    "edm-heun": Method(edm_heun, "edm-start", evals_per_step=2, saved_evals=1, needs_scheduler=True),
+}
+SOLVER_NAMES = tuple(METHODS)
+
+_OPTION_RANGES = {"unipc": {"order": (1, 3)}, "ipndm": {"order": (1, 4)}}
+
+
+def _grid(name: str):
+    if name == "edm-start":  # EDM's own sampler starts at sigma_max, not at t = 0
+        return partial(edm, exact_start=False)
+    return grid_by_name(name)
+
+
+def solver(name: str, nfe: int, *, grid: str | None = None, **options) -> Solver:
+    """A built-in solver by name, for exactly `nfe` network evaluations.
+
+    grid: one of uniform, logsnr, edm, quadratic (default: the method's recommended grid).
+    options: method options, e.g. solver("unipc", nfe=8, order=2).
+    """
+    if isinstance(name, Solver):
+        return name
+    method = METHODS.get(name)
+    if method is None:
+        raise BespokeError(f"unknown solver {name!r}; valid names: {', '.join(SOLVER_NAMES)}")
+    if not isinstance(nfe, int) or isinstance(nfe, bool):
+        raise BespokeError(f"nfe must be an integer, got {nfe!r}")
+    steps = method.steps_for(name, nfe)
+    unknown = set(options) - set(method.options)
+    if unknown:
+        valid = ", ".join(method.options) if method.options else "none"
+        raise BespokeError(f"{name} has no option {', '.join(sorted(unknown))}; its options: {valid}")
+    for key, value in options.items():
+        lo, hi = _OPTION_RANGES[name][key]
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise BespokeError(f"{name}: {key} must be an integer in {lo}..{hi}, got {value!r}")
+    if grid is not None and grid not in GRIDS:
+        grid_by_name(grid)  # raises with the list of valid grids
+    grid_name = grid or method.grid
+    program = partial(method.program, **options) if options else method.program
+    return Dedicated(
+        name=name,
+        nfe=nfe,
+        steps=steps,
+        program=program,
+        grid=_grid(grid_name),
+        grid_name=grid_name,
+        needs_scheduler=method.needs_scheduler or grid_name in ("logsnr", "edm", "edm-start"),
+        options=dict(options),
+    )
