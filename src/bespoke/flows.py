@@ -32,6 +32,7 @@ __all__ = [
     "canonical_prediction",
     "velocity_from_prediction",
     "prediction_from_velocity",
+    "scale_time_flow",
     "from_network",
 ]
 
@@ -390,4 +391,35 @@ def from_network(
         fingerprint=fingerprint,
         guidance=guidance,
         dtype=next((p.dtype for p in net.parameters()), None) if isinstance(net, torch.nn.Module) else None,
+    )
+
+
+def scale_time_flow(flow: Flow, target: Scheduler) -> Flow:
+    """The flow seen through the path `target`: x_bar(r) = s_r x(t_r) ([BES] Thm 2.3, spec §1.4-1.5).
+
+    u_bar_r(x_bar) = (s'_r / s_r) x_bar + t'_r s_r u_{t_r}(x_bar / s_r): one NFE of u_bar is one of u.
+    For ideal (exact) velocity fields this is the same model trained on `target`. A trajectory of the
+    new flow starts from s_0 x_0 and ends at s_1 x(1) (s_0 = s_1 = 1 between normalised paths).
+    """
+    from .paths import scale_time
+
+    source = flow._need_scheduler("a change of scheduler")
+
+    def velocity(r, xb, **cond):
+        st = scale_time(source, target, r.to("cpu", torch.float64))
+        s, ds, dt = (_per_sample(v, xb) for v in (st.s, st.ds, st.dt))
+        return (ds / s) * xb + dt * s * flow(st.t, xb / s, **cond)
+
+    end = flow.ode_end if flow.ode_end >= 1.0 else float(target.t_of_log_snr(source.log_snr(flow.ode_end)))
+    return Flow(
+        velocity,
+        scheduler=target,
+        sample_shape=flow.sample_shape,
+        cond_keys=flow.cond_keys,
+        name=f"{flow.name}@{target!r}",
+        ode_end=end,
+        data_range=flow.data_range,
+        fingerprint=flow.fingerprint,
+        guidance=flow.guidance,
+        dtype=flow.dtype,
     )
