@@ -99,7 +99,8 @@ def plot(rows, path: Path) -> None:
 def write_section(doc: Path, body: str) -> None:
     begin, end = f"<!-- BEGIN {MARK} -->", f"<!-- END {MARK} -->"
     block = f"{begin}\n{body}\n{end}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nEvery figure here comes from a run of the script named in its section.\n"
+    intro = "# Benchmarks\n\nEvery figure here comes from a run of the script named in its section.\n"
+    text = doc.read_text() if doc.exists() else intro
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:

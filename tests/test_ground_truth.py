@@ -42,7 +42,7 @@ def test_dense_states_at_requested_times(noise):
     assert gt.states.shape == (3, *noise.shape)
     for t, state in zip(times, gt.states):  # each state is the trajectory at t
         direct = bespoke.ground_truth(
-            bespoke.Flow(lambda s, x, _f=flow: t * _f(s * t, x), sample_shape=(2,)),  # time rescaled to [0, t]
+            bespoke.Flow(lambda s, x, _f=flow, _t=t: _t * _f(s * _t, x), sample_shape=(2,)),  # time rescaled to [0, t]
             noise, rtol=1e-10, atol=1e-10,
         ).samples
         assert (state - direct).abs().max().item() < 1e-7

@@ -15,23 +15,27 @@ import torch
 
 from .errors import BespokeError
 
-__all__ = ["draw_noise", "sample_seed"]
+__all__ = ["draw_noise", "draw_labels", "sample_seed"]
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The 63-bit generator seed of sample `index` under `seed` (a hash, so no two pairs collide in practice)."""
-    digest = hashlib.blake2b(f"bespoke-noise:{seed}:{index}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, index: int, domain: str = "noise") -> int:
+    """The 63-bit generator seed of sample `index` under `seed` (a hash: distinct pairs do not collide in practice)."""
+    digest = hashlib.blake2b(f"bespoke-{domain}:{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
-def draw_noise(shape, num: int, seed: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-    """Standard normal noise of shape (num, *shape), sample i drawn from its own generator seeded from (seed, i)."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+def _check_num_seed(num, seed) -> None:
     for name, value in (("num", num), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise BespokeError(f"{name} must be an integer, got {value!r}")
     if num < 0:
         raise BespokeError(f"num must be >= 0, got {num}")
+
+
+def draw_noise(shape, num: int, seed: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normal noise of shape (num, *shape), sample i drawn from its own generator seeded from (seed, i)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    _check_num_seed(num, seed)
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
         raise BespokeError(f"shape must be positive integers, got {shape}")
     out = torch.empty((num, *shape), dtype=torch.float64)
@@ -41,3 +45,12 @@ def draw_noise(shape, num: int, seed: int, dtype: torch.dtype = torch.float32, d
         out[i] = torch.randn(shape, generator=gen, dtype=torch.float64)
     return out.to(device=device, dtype=dtype)
 
+
+
+def draw_labels(num: int, num_classes: int, seed: int, device="cpu") -> torch.Tensor:
+    """Class labels in 0..num_classes-1 (int64), label i a function of (seed, i) only, like `draw_noise`."""
+    _check_num_seed(num, seed)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise BespokeError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    labels = [sample_seed(seed, i, "labels") % num_classes for i in range(num)]
+    return torch.tensor(labels, dtype=torch.long, device=device)
