@@ -77,3 +77,11 @@ def test_psnr_and_rmse_definitions():
     assert torch.allclose(bespoke.psnr(x, ref, reduction="none"), torch.tensor(per, dtype=F64))
     with pytest.raises(BespokeError, match="shape"):
         bespoke.psnr(x, torch.zeros(3, 5))
+
+
+def test_the_python_api_a_user_would_guess(noise):
+    flow = bespoke.load_model("zoo:gmm2d")
+    s = bespoke.solver("dpm++2m", nfe=8)
+    x = s.sample(flow, noise)
+    gt = bespoke.ground_truth(flow, noise)
+    assert bespoke.psnr(x, gt) == bespoke.psnr(x, gt.samples) > 25

@@ -264,3 +264,15 @@ def test_float32_noise_keeps_its_dtype():
     flow = bespoke.load_model("zoo:gmm2d")
     x = bespoke.solver("unipc", nfe=6).sample(flow, torch.randn(8, 2))
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_explicit_times(noise):
+    flow = bespoke.load_model("zoo:gmm2d")
+    times = [0.0, 0.2, 0.45, 0.7, 0.9, 1.0]
+    s = bespoke.solver("dpm++2m", nfe=5, grid=times)
+    assert s.to_ns(flow).times.tolist() == times
+    assert torch.allclose(s.sample(flow, noise), s.to_ns(flow).sample(flow, noise), atol=1e-12)
+    with pytest.raises(BespokeError, match="not monotone"):
+        bespoke.solver("euler", nfe=3, grid=[0.0, 0.6, 0.4, 1.0])
+    with pytest.raises(BespokeError, match="needs 5 times"):
+        bespoke.solver("midpoint", nfe=8, grid=[0.0, 0.5, 1.0])

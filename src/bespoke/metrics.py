@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import BespokeError
+from .solvers.adaptive import GroundTruth
 
 __all__ = ["rmse", "psnr", "EvalResult", "evaluate"]
 
 
-def _pair(x: torch.Tensor, ref: torch.Tensor):
+def _pair(x: torch.Tensor, ref):
+    ref = ref.samples if isinstance(ref, GroundTruth) else ref
     if x.shape != ref.shape:
         raise BespokeError(
             f"samples of shape {tuple(x.shape)} cannot be scored against a reference of shape {tuple(ref.shape)}"
@@ -25,13 +27,13 @@ def _pair(x: torch.Tensor, ref: torch.Tensor):
     return x.detach().to(torch.float64).flatten(1), ref.detach().to(torch.float64, copy=False).to(x.device).flatten(1)
 
 
-def rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample root-mean-square error, shape (batch,), float64."""
+def rmse(x: torch.Tensor, ref) -> torch.Tensor:
+    """Per-sample root-mean-square error, shape (batch,), float64. `ref`: a tensor or a GroundTruth."""
     a, b = _pair(x, ref)
     return (a - b).pow(2).mean(1).sqrt()
 
 
-def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, reduction: str = "mean"):
+def psnr(x: torch.Tensor, ref, data_range: float = 2.0, reduction: str = "mean"):
     """Per-sample PSNR in dB, averaged over samples (reduction="mean") or not ("none")."""
     if data_range <= 0:
         raise BespokeError(f"data_range must be > 0, got {data_range}")

@@ -20,14 +20,14 @@ grid of the RK baselines in [BES]/[BNS] and DDIM's uniform timesteps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 from ..errors import BespokeError
-from .base import Dedicated, Solver
+from .base import Dedicated, Solver, validate_times
 from .exponential import ddim, dpmpp_2m, unipc
-from .grids import GRIDS, edm, grid_by_name
+from .grids import edm, grid_by_name
 from .multistep import ipndm
 from .nonstationary import NSSolver, compile_ns
 from .rk import EULER, HEUN, MIDPOINT, RK4, edm_heun, rk_program
@@ -81,10 +81,11 @@ def _grid(name: str):
     return grid_by_name(name)
 
 
-def solver(name: str, nfe: int, *, grid: str | None = None, **options) -> Solver:
+def solver(name: str, nfe: int, *, grid: str | Sequence[float] | None = None, **options) -> Solver:
     """A built-in solver by name, for exactly `nfe` network evaluations.
 
-    grid: one of uniform, logsnr, edm, quadratic (default: the method's recommended grid).
+    grid: one of uniform, logsnr, edm, quadratic (default: the method's recommended grid), or
+          explicit times t_0 = 0 < ... < t_N = 1 (N = number of steps for that NFE).
     options: method options, e.g. solver("unipc", nfe=8, order=2).
     """
     if isinstance(name, Solver):
@@ -103,17 +104,28 @@ def solver(name: str, nfe: int, *, grid: str | None = None, **options) -> Solver
         lo, hi = _OPTION_RANGES[name][key]
         if not isinstance(value, int) or not lo <= value <= hi:
             raise BespokeError(f"{name}: {key} must be an integer in {lo}..{hi}, got {value!r}")
-    if grid is not None and grid not in GRIDS:
-        grid_by_name(grid)  # raises with the list of valid grids
-    grid_name = grid or method.grid
     program = partial(method.program, **options) if options else method.program
+    if grid is None or isinstance(grid, str):
+        grid_name = grid or method.grid
+        make_grid = _grid(grid_name)
+        uses_path = grid_name in ("logsnr", "edm", "edm-start")
+    else:
+        make_grid, grid_name, uses_path = _explicit_times(name, grid, steps), "explicit", False
     return Dedicated(
         name=name,
         nfe=nfe,
         steps=steps,
         program=program,
-        grid=_grid(grid_name),
+        grid=make_grid,
         grid_name=grid_name,
-        needs_scheduler=method.needs_scheduler or grid_name in ("logsnr", "edm", "edm-start"),
+        needs_scheduler=method.needs_scheduler or uses_path,
         options=dict(options),
     )
+
+
+def _explicit_times(name: str, times: Sequence[float], steps: int):
+    times = [float(t) for t in times]
+    if len(times) != steps + 1:
+        raise BespokeError(f"{name} takes {steps} steps at this NFE, so it needs {steps + 1} times; got {len(times)}")
+    validate_times(times)
+    return lambda steps_, scheduler=None, ode_end=1.0: list(times)

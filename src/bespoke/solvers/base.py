@@ -63,7 +63,8 @@ class _Evaluate:
 class Dedicated(Solver):
     """A built-in solver: a program over a time grid with `steps` intervals.
 
-    grid: fn(steps, scheduler, ode_end) -> list of steps + 1 times (see `grids.py`).
+    grid: fn(steps, scheduler, ode_end) -> list of steps + 1 times (see `grids.py`); a solver built
+    with explicit times holds a function that returns them.
     """
 
     name: str
@@ -93,10 +94,17 @@ class Dedicated(Solver):
         times = self.times(flow.scheduler, flow.ode_end)
         return self.program(_Evaluate(flow, noise, cond), times, flow.scheduler)
 
-    def to_ns(self, scheduler=None, ode_end: float = 1.0):
-        """The NS form (times, a, b) of this solver for a flow with `scheduler` (spec §3.2)."""
+    def to_ns(self, target=None, ode_end: float = 1.0):
+        """The NS form (times, a, b) of this solver (spec §3.2).
+
+        target: the Flow it will sample, or just that flow's Scheduler (the coefficients of DDIM,
+        DPM-Solver++, UniPC and the log-SNR/EDM grids depend on the path); None for a solver that
+        needs neither.
+        """
+        from ..flows import Flow
         from .nonstationary import compile_ns
 
-        if hasattr(scheduler, "scheduler"):  # a Flow was passed
-            scheduler, ode_end = scheduler.scheduler, scheduler.ode_end
+        scheduler = target
+        if isinstance(target, Flow):
+            scheduler, ode_end = target.scheduler, target.ode_end
         return compile_ns(self.program, self.times(scheduler, ode_end), scheduler, f"{self.name}[ns]")

@@ -49,7 +49,7 @@ class NSSolver(Solver):
     def __repr__(self):
         return f"NSSolver(name={self.name!r}, nfe={self.nfe})"
 
-    def to_ns(self, scheduler=None, ode_end: float = 1.0) -> NSSolver:
+    def to_ns(self, target=None, ode_end: float = 1.0) -> NSSolver:
         return self
 
     def sample(self, flow, noise, **cond):
