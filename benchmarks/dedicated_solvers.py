@@ -79,8 +79,9 @@ def plot(rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     styles = ["-", "--", "-.", ":"]
     for k, ((name, grid), cells) in enumerate(rows.items()):
-        ax.plot([c[1] for c in cells], [c[0] for c in cells], marker="o", linestyle=styles[k % 4],
-                label=f"{name} ({grid})")
+        ax.plot(
+            [c[1] for c in cells], [c[0] for c in cells], marker="o", linestyle=styles[k % 4], label=f"{name} ({grid})"
+        )
     floor = 10.0  # EDM-Heun diverges at its lowest NFE on this path; keep the axis readable
     ax.set_ylim(bottom=floor)
     ax.text(0.01, 0.01, f"points below {floor:.0f} dB are off the axis", transform=ax.transAxes, fontsize=7)

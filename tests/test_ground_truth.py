@@ -43,7 +43,9 @@ def test_dense_states_at_requested_times(noise):
     for t, state in zip(times, gt.states):  # each state is the trajectory at t
         direct = bespoke.ground_truth(
             bespoke.Flow(lambda s, x, _f=flow, _t=t: _t * _f(s * _t, x), sample_shape=(2,)),  # time rescaled to [0, t]
-            noise, rtol=1e-10, atol=1e-10,
+            noise,
+            rtol=1e-10,
+            atol=1e-10,
         ).samples
         assert (state - direct).abs().max().item() < 1e-7
     with pytest.raises(BespokeError, match="strictly increasing"):
@@ -55,12 +57,14 @@ def test_discrete_model_gt_stops_at_smallest_timestep_and_denoises(noise):
     sch = VPDiscrete.ddpm_linear()
     field = gmm2d_mixture().velocity(sch)
     eps_net = lambda x, tau: bespoke.flows.prediction_from_velocity(  # noqa: E731
-        "eps", field(sch.time_of_timestep(tau), x), x, sch.time_of_timestep(tau), sch)
+        "eps", field(sch.time_of_timestep(tau), x), x, sch.time_of_timestep(tau), sch
+    )
     flow = bespoke.from_network(eps_net, prediction="eps", scheduler=sch, sample_shape=(2,))
     assert flow.ode_end == pytest.approx(999 / 1000)
     gt = bespoke.ground_truth(flow, noise, rtol=1e-9, atol=1e-9)
     stop = bespoke.ground_truth(
-        bespoke.Flow(field, scheduler=sch, sample_shape=(2,), ode_end=flow.ode_end), noise, rtol=1e-9, atol=1e-9)
+        bespoke.Flow(field, scheduler=sch, sample_shape=(2,), ode_end=flow.ode_end), noise, rtol=1e-9, atol=1e-9
+    )
     # the exact mixture flow run all the way to t = 1 lands within sigma_min^2-order of it
     full = bespoke.ground_truth(bespoke.load_model("zoo:gmm2d", path=sch), noise, rtol=1e-9, atol=1e-9)
     assert (gt.samples - stop.samples).abs().max().item() < 1e-7

@@ -11,8 +11,9 @@ from bespoke.zoo import gmm_flow
 from bespoke.zoo.gmm import gmm2d_mixture
 
 
-@pytest.mark.parametrize("source, target", [(CondOT(), Cosine()), (Cosine(), CondOT()), (CondOT(), VPLinear()),
-                                            (VPLinear(), Cosine())])
+@pytest.mark.parametrize(
+    "source, target", [(CondOT(), Cosine()), (Cosine(), CondOT()), (CondOT(), VPLinear()), (VPLinear(), Cosine())]
+)
 def test_transformed_velocity_is_the_ideal_velocity_of_the_target_path(source, target):
     mixture = gmm2d_mixture()
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -112,8 +112,14 @@ def measured_order(flow, name, noise, steps, grid=None, **options):
 # RK-type methods: the flow ODE itself on a uniform grid (CondOT: both ends exact).
 @pytest.mark.parametrize(
     "name, order, exact",
-    [("euler", 1, True), ("ddim", 1, True), ("midpoint", 2, True), ("heun", 2, True), ("rk4", 4, True),
-     ("ipndm", 3, False)],
+    [
+        ("euler", 1, True),
+        ("ddim", 1, True),
+        ("midpoint", 2, True),
+        ("heun", 2, True),
+        ("rk4", 4, True),
+        ("ipndm", 3, False),
+    ],
 )
 def test_convergence_order_on_condot(name, order, exact, noise):
     flow = bespoke.load_model("zoo:gmm2d", path="condot")
@@ -226,8 +232,15 @@ def test_unknown_solver_lists_valid_names():
         assert name in str(e.value)
 
 
-@pytest.mark.parametrize("name, nfe, says", [("midpoint", 7, "NFE = 2, 4, 6, 8"), ("rk4", 6, "NFE = 4, 8, 12, 16"),
-                                             ("heun", 3, "2 evaluations per step"), ("euler", 0, "any NFE >= 1")])
+@pytest.mark.parametrize(
+    "name, nfe, says",
+    [
+        ("midpoint", 7, "NFE = 2, 4, 6, 8"),
+        ("rk4", 6, "NFE = 4, 8, 12, 16"),
+        ("heun", 3, "2 evaluations per step"),
+        ("euler", 0, "any NFE >= 1"),
+    ],
+)
 def test_nfe_a_solver_cannot_take(name, nfe, says):
     with pytest.raises(BespokeError, match=f"{name} cannot take nfe={nfe}.*{says}"):
         bespoke.solver(name, nfe=nfe)

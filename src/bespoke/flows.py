@@ -38,10 +38,19 @@ __all__ = [
 
 PREDICTIONS = ("eps", "x1", "v", "velocity")
 _ALIASES = {
-    "eps": "eps", "epsilon": "eps", "noise": "eps",
-    "x1": "x1", "x0": "x1", "sample": "x1", "data": "x1", "x_start": "x1",
-    "v": "v", "v_prediction": "v",
-    "velocity": "velocity", "u": "velocity", "flow": "velocity",
+    "eps": "eps",
+    "epsilon": "eps",
+    "noise": "eps",
+    "x1": "x1",
+    "x0": "x1",
+    "sample": "x1",
+    "data": "x1",
+    "x_start": "x1",
+    "v": "v",
+    "v_prediction": "v",
+    "velocity": "velocity",
+    "u": "velocity",
+    "flow": "velocity",
 }
 
 
@@ -156,8 +165,10 @@ def guided(fn: Callable, guidance: Guidance, required: tuple[str, ...]) -> Calla
                 f"guidance (w={guidance.weight}) needs the condition {', '.join(missing)}; "
                 "pass it to sample(..., labels=...) or build the flow without guidance"
             )
-        both = {k: torch.cat([v, _null_like(v, guidance.null[k])]) if k in guidance.null
-                else torch.cat([v, v]) for k, v in cond.items()}
+        both = {
+            k: torch.cat([v, _null_like(v, guidance.null[k])]) if k in guidance.null else torch.cat([v, v])
+            for k, v in cond.items()
+        }
         out = fn(torch.cat([x, x]), torch.cat([t, t]), **both)
         c, u = out.chunk(2)
         return guidance.combine(c, u)
@@ -181,6 +192,7 @@ class Flow:
     data_range:   peak-to-peak range of the data, for PSNR (2 for data in [-1, 1])
     dtype:        the model's compute dtype (ground truth keeps its state in float64 and casts
                   to it for each evaluation); None = any
+    num_classes:  number of class labels of a class-conditional model (None otherwise)
     """
 
     def __init__(
@@ -196,6 +208,7 @@ class Flow:
         fingerprint: str | None = None,
         guidance: Guidance | None = None,
         dtype: torch.dtype | None = None,
+        num_classes: int | None = None,
     ):
         if not 0.0 < ode_end <= 1.0:
             raise BespokeError(f"ode_end must lie in (0, 1], got {ode_end}")
@@ -209,6 +222,7 @@ class Flow:
         self.fingerprint = fingerprint
         self.guidance = guidance
         self.dtype = dtype
+        self.num_classes = num_classes
         self.nfe = 0
 
     def __repr__(self):
@@ -244,12 +258,15 @@ class Flow:
         u = self._velocity(t.to(device=x.device), x, **cond)
         self.nfe += 1
         if not torch.isfinite(u).all():
-            tt = t.flatten()[0].item()
+            bad = ~torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
+            tt = t[bad.nonzero()[0, 0]].item() if t.numel() == u.shape[0] else t.flatten()[0].item()
             if not 0.0 <= tt <= 1.0:
                 why = "outside the time range [0, 1]"
             elif tt >= self.ode_end:
-                why = ("at the data end, where VP-type paths are singular: use a solver that does not "
-                       "evaluate there, e.g. ddim, dpm++2m, unipc or edm-heun")
+                why = (
+                    "at the data end, where VP-type paths are singular: use a solver that does not "
+                    "evaluate there, e.g. ddim, dpm++2m, unipc or edm-heun"
+                )
             else:
                 why = "check the model and its inputs (dtype, scale of the noise)"
             raise BespokeError(f"{self.name} returned a non-finite velocity at t = {tt:.6g}: {why}")
@@ -324,6 +341,7 @@ def from_network(
     ode_end: float | None = None,
     data_range: float = 2.0,
     fingerprint: str | None = None,
+    num_classes: int | None = None,
 ) -> Flow:
     """A Flow from a network `net(x, time, **cond)` that predicts eps, x1 (data), v or the velocity.
 
@@ -391,6 +409,7 @@ def from_network(
         fingerprint=fingerprint,
         guidance=guidance,
         dtype=next((p.dtype for p in net.parameters()), None) if isinstance(net, torch.nn.Module) else None,
+        num_classes=num_classes,
     )
 
 
@@ -422,4 +441,5 @@ def scale_time_flow(flow: Flow, target: Scheduler) -> Flow:
         fingerprint=flow.fingerprint,
         guidance=flow.guidance,
         dtype=flow.dtype,
+        num_classes=flow.num_classes,
     )

@@ -60,8 +60,16 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate(solver, flow, noise: torch.Tensor, reference: torch.Tensor, *, data_range: float | None = None,
-             name: str | None = None, **cond) -> EvalResult:
+def evaluate(
+    solver,
+    flow,
+    noise: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    data_range: float | None = None,
+    name: str | None = None,
+    **cond,
+) -> EvalResult:
     """Run `solver` on `noise`, count the NFE it really spends per sample, and score it against `reference`."""
     t0 = time.perf_counter()
     with torch.no_grad(), flow.counting() as count:

@@ -46,7 +46,6 @@ def draw_noise(shape, num: int, seed: int, dtype: torch.dtype = torch.float32, d
     return out.to(device=device, dtype=dtype)
 
 
-
 def draw_labels(num: int, num_classes: int, seed: int, device="cpu") -> torch.Tensor:
     """Class labels in 0..num_classes-1 (int64), label i a function of (seed, i) only, like `draw_noise`."""
     _check_num_seed(num, seed)

@@ -329,9 +329,7 @@ class EDM(Scheduler):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
         if not 0 <= sigma_min < sigma_max or rho <= 0:
-            raise BespokeError(
-                f"EDM needs 0 <= sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}"
-            )
+            raise BespokeError(f"EDM needs 0 <= sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}")
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self._a = sigma_max ** (1.0 / rho)
         self._b = sigma_min ** (1.0 / rho) - self._a
@@ -372,9 +370,7 @@ def scheduler_from_name(name: str) -> Scheduler:
     try:
         return SCHEDULERS[name]()
     except KeyError:
-        raise BespokeError(
-            f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}"
-        ) from None
+        raise BespokeError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}") from None
 
 
 # --- scale-time change between schedulers ([BES] Thm 2.3, spec §1.5) ---------------------------
@@ -399,7 +395,14 @@ def scale_time(source: Scheduler, target: Scheduler, r) -> ScaleTime:
     Each ratio is taken in the form that stays finite at the end it is used at.
     """
     r = _f64(r)
-    t = source.t_of_log_snr(target.log_snr(r))
+    lam = target.log_snr(r)
+    lo, hi = float(source.log_snr(0.0)), float(source.log_snr(1.0))
+    if torch.any((lam < lo) | (lam > hi)):
+        raise BespokeError(
+            f"{target!r} reaches log-SNRs outside [{lo:.4g}, {hi:.4g}], the range of {source!r}, so it is no "
+            "scale-time transform of it there (Thm 2.3 needs the source to cover the target's SNRs)"
+        )
+    t = source.t_of_log_snr(lam)
     a_bar, s_bar = target.alpha(r), target.sigma(r)
     a, s_ = source.alpha(t), source.sigma(t)
     # s_r: use alpha_bar/alpha near the data end and sigma_bar/sigma near the noise end (spec §1.5)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchdiffeq import odeint
 
 from ..errors import BespokeError
 
@@ -32,9 +31,12 @@ class GroundTruth:
         return {"solver": "dopri5", "rtol": self.rtol, "atol": self.atol, "nfe": self.nfe}
 
 
-def ground_truth(flow, noise: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-                 times=None, **cond) -> GroundTruth:
+def ground_truth(
+    flow, noise: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5, times=None, **cond
+) -> GroundTruth:
     """Solve the flow from `noise` with dopri5; optionally also return the states at `times`."""
+    from torchdiffeq import odeint  # imported here: it pulls in scipy, which `import bespoke` needn't pay for
+
     flow.check_noise(noise)
     if not (rtol > 0 and atol > 0):
         raise BespokeError(f"rtol and atol must be > 0, got {rtol}, {atol}")
@@ -45,8 +47,11 @@ def ground_truth(flow, noise: torch.Tensor, *, rtol: float = 1e-5, atol: float =
         req = torch.as_tensor(times, dtype=torch.float64).flatten()
         if req.numel() == 0 or req.min() < 0 or req.max() > end or torch.any(req[1:] <= req[:-1]):
             raise BespokeError(f"times must be strictly increasing in [0, {end:g}]")
-    grid = torch.tensor([0.0, end], dtype=torch.float64) if req is None else torch.unique(
-        torch.cat([req, torch.tensor([0.0, end], dtype=torch.float64)]))
+    grid = (
+        torch.tensor([0.0, end], dtype=torch.float64)
+        if req is None
+        else torch.unique(torch.cat([req, torch.tensor([0.0, end], dtype=torch.float64)]))
+    )
 
     def rhs(t, x):
         return flow(t, x.to(dtype), **cond).to(torch.float64)

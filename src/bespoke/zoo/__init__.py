@@ -24,7 +24,7 @@ def _zoo(name: str, scheduler: Scheduler, guidance: Guidance | None) -> Flow:
     m = re.fullmatch(r"gmm(\d+)d", name)
     if m and int(m.group(1)) >= 1:
         return gmm_flow(random_mixture(int(m.group(1))), scheduler, name=f"zoo:{name}", guidance=guidance)
-    raise BespokeError(f"unknown zoo model {name!r}; available: {', '.join('zoo:' + n for n in ZOO_NAMES)}")
+    raise BespokeError(f"unknown zoo model 'zoo:{name}'; available: {', '.join('zoo:' + n for n in ZOO_NAMES)}")
 
 
 def load_model(spec: str, *, path: str | Scheduler = "condot", guidance: Guidance | float | None = None) -> Flow:

@@ -92,7 +92,7 @@ class GaussianMixture:
             a, s = scheduler.alpha(tt), scheduler.sigma(tt)
             da, sds = scheduler.d_alpha(tt), scheduler.sigma_d_sigma(tt)
             a, s, da, sds = (c.to(dev, dt)[:, None] for c in (a, s, da, sds))
-            mu, var1 = self.means.to(dev, dt), (self.stds ** 2).to(dev, dt)
+            mu, var1 = self.means.to(dev, dt), (self.stds**2).to(dev, dt)
             v = a * a * var1[None, :] + s * s  # (B, K)
             diff = x[:, None, :] - a[:, :, None] * mu[None]  # (B, K, d)
             logp = torch.log(self.weights.to(dev, dt))[None] - 0.5 * (
@@ -109,8 +109,13 @@ class GaussianMixture:
         return u
 
 
-def gmm_flow(mixture: GaussianMixture, scheduler: Scheduler | None = None, *, name: str = "zoo:gmm",
-             guidance: Guidance | None = None) -> Flow:
+def gmm_flow(
+    mixture: GaussianMixture,
+    scheduler: Scheduler | None = None,
+    *,
+    name: str = "zoo:gmm",
+    guidance: Guidance | None = None,
+) -> Flow:
     """The Flow of a Gaussian mixture under `scheduler` (CondOT by default)."""
     scheduler = scheduler or CondOT()
     field = mixture.velocity(scheduler)
@@ -131,6 +136,7 @@ def gmm_flow(mixture: GaussianMixture, scheduler: Scheduler | None = None, *, na
         data_range=2.0,
         fingerprint=f"{mixture.fingerprint()}-{scheduler!r}",
         guidance=guidance,
+        num_classes=mixture.num_classes,
     )
 
 
@@ -147,7 +153,7 @@ def gmm2d_mixture() -> GaussianMixture:
 def random_mixture(dim: int, components: int = 8, seed: int = 0) -> GaussianMixture:
     """A seeded random mixture in R^dim with means in [-0.8, 0.8]^dim (one class per component)."""
     g = torch.Generator().manual_seed(seed)
-    means = (torch.rand(components, dim, generator=g, dtype=torch.float64) * 1.6 - 0.8)
+    means = torch.rand(components, dim, generator=g, dtype=torch.float64) * 1.6 - 0.8
     stds = 0.05 + 0.1 * torch.rand(components, generator=g, dtype=torch.float64)
     weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
     return GaussianMixture(means, stds, weights, classes=torch.arange(components))
