@@ -13,20 +13,12 @@ import torch
 import bespoke
 from bespoke import BespokeError, Guidance
 from bespoke.flows import prediction_from_velocity, scale_time_flow, velocity_from_prediction
-from bespoke.paths import EDM, VE, CondOT, Cosine, VPDiscrete, VPLinear
+from bespoke.paths import SCHEDULERS, CondOT, Cosine, VPDiscrete
 from bespoke.zoo import gmm_flow
 from bespoke.zoo.gmm import gmm2d_mixture
 
 F64 = torch.float64
 
-SCHEDULERS = {
-    "condot": CondOT,
-    "cosine": Cosine,
-    "vp": VPLinear,
-    "vp-discrete": VPDiscrete.ddpm_linear,
-    "ve": VE,
-    "edm": EDM,
-}
 ALL = pytest.mark.parametrize("name", list(SCHEDULERS))
 KINDS = pytest.mark.parametrize("kind", ["eps", "x1", "v"])
 B = 64

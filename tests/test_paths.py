@@ -11,19 +11,11 @@ import pytest
 import torch
 
 import bespoke
-from bespoke.paths import EDM, VE, CondOT, Cosine, Scheduler, VPDiscrete, VPLinear, scale_time
+from bespoke.paths import EDM, SCHEDULERS, VE, CondOT, Scheduler, VPDiscrete, VPLinear, scale_time
 
 F64 = torch.float64
 H = 1e-6  # finite-difference step: truncation error ~H^2 f'''/6 and round-off ~1e-16 f/H both <= 4e-10 here
 
-SCHEDULERS = {
-    "condot": CondOT,
-    "cosine": Cosine,
-    "vp": VPLinear,
-    "vp-discrete": VPDiscrete.ddpm_linear,
-    "ve": VE,
-    "edm": EDM,
-}
 ALL = pytest.mark.parametrize("name", list(SCHEDULERS))
 
 # Interior points. 0.02 + 0.02 k are integer DDPM timesteps for VPDiscrete (t * 1000 is an integer, i.e. the
