@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import bespoke
 from bespoke import BespokeError
+from bespoke.flows import GUIDANCE_CONVENTIONS
 from bespoke.noise import draw_labels, draw_noise
 from bespoke.paths import SCHEDULERS
 from bespoke.solvers import METHODS
@@ -129,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_int, default=0, help="noise seed (default 0)")
     ev.add_argument(
         "--path",
-        default="condot",
+        default=None,
         choices=list(SCHEDULERS),
-        help="Gaussian path of analytic (zoo) models (default condot)",
+        help="Gaussian path of the analytic models (default condot); trained models keep their own",
     )
     ev.add_argument(
         "--guidance",
@@ -224,8 +225,11 @@ def _write_json_atomic(path: str, obj) -> None:
 def _conditioning(args, flow) -> tuple[dict, str | None]:
     """The `labels` keyword for every call, and how to describe it (None when unconditional)."""
     if args.labels is None:
-        if args.guidance is not None:
-            raise BespokeError("--guidance needs class labels: add --labels K (one class for all) or --labels random")
+        if flow.guidance is not None:
+            raise BespokeError(
+                f"{args.model} samples with guidance (w={flow.guidance.weight:g}), which needs class labels: "
+                "add --labels K (one class for all) or --labels random"
+            )
         return {}, None
     if "labels" not in flow.cond_keys:
         raise BespokeError(f"--labels: {args.model} is not class-conditional (it takes no labels)")
@@ -317,7 +321,9 @@ def cmd_eval(args) -> int:
     names = _solver_names(args.solvers)
     if args.json is not None:
         _check_writable(args.json)
-    flow = bespoke.load_model(args.model, path=args.path, guidance=args.guidance)
+    flow = bespoke.load_model(
+        args.model, path=args.path, guidance="default" if args.guidance is None else args.guidance
+    )
     if flow.sample_shape is None:
         raise BespokeError(f"{args.model} does not declare its sample shape, so noise cannot be drawn for it")
     cond, labels_text = _conditioning(args, flow)
@@ -351,9 +357,14 @@ def cmd_eval(args) -> int:
             out = done[c.solver, c.run_at]
             c.result, c.error = (None, out) if isinstance(out, str) else (out, None)
 
-    parts = [args.model, f"path {args.path}", f"{args.num} samples (seed {args.seed}, float64, {device})"]
-    if args.guidance is not None:
-        parts.append(f"guidance w={args.guidance:g} (fm: (1+w) cond - w uncond)")
+    parts = [
+        args.model,
+        f"path {flow.scheduler.name if flow.scheduler else 'none'}",
+        f"{args.num} samples (seed {args.seed}, float64, {device})",
+    ]
+    if flow.guidance is not None:
+        g = flow.guidance
+        parts.append(f"guidance w={g.weight:g} ({g.convention}: {GUIDANCE_CONVENTIONS[g.convention].split('  ')[0]})")
     if labels_text is not None:
         parts.append(f"labels {labels_text}")
     parts.append(f"ground truth: dopri5 rtol={args.rtol:g} atol={args.atol:g}, {gt.nfe} NFE per sample")
@@ -364,13 +375,12 @@ def cmd_eval(args) -> int:
         settings.update(
             seconds=gt_seconds,
             model=args.model,
-            path=args.path,
+            path=flow.scheduler.name if flow.scheduler else None,
             num=args.num,
             seed=args.seed,
             noise="bespoke.noise.draw_noise, float64",
             device=device,
-            guidance=args.guidance,
-            guidance_convention="fm" if args.guidance is not None else None,
+            guidance=flow.guidance.as_dict() if flow.guidance is not None else None,
             labels=labels_text,
             data_range=flow.data_range,
             bespoke_version=bespoke.__version__,

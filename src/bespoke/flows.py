@@ -140,6 +140,11 @@ class Guidance:
                 + "; ".join(f"{k!r}: {v}" for k, v in GUIDANCE_CONVENTIONS.items())
             )
 
+    @property
+    def is_identity(self) -> bool:
+        """True when the guided output is just the conditional one (no unconditional pass needed)."""
+        return self.weight == (0.0 if self.convention == "fm" else 1.0)
+
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.convention == "fm":
@@ -193,6 +198,7 @@ class Flow:
     dtype:        the model's compute dtype (ground truth keeps its state in float64 and casts
                   to it for each evaluation); None = any
     num_classes:  number of class labels of a class-conditional model (None otherwise)
+    info:         what the model source knows of it (recipe, training time, ...), JSON-able
     """
 
     def __init__(
@@ -209,6 +215,7 @@ class Flow:
         guidance: Guidance | None = None,
         dtype: torch.dtype | None = None,
         num_classes: int | None = None,
+        info: dict | None = None,
     ):
         if not 0.0 < ode_end <= 1.0:
             raise BespokeError(f"ode_end must lie in (0, 1], got {ode_end}")
@@ -223,6 +230,7 @@ class Flow:
         self.guidance = guidance
         self.dtype = dtype
         self.num_classes = num_classes
+        self.info = dict(info or {})
         self.nfe = 0
 
     def __repr__(self):
@@ -342,6 +350,7 @@ def from_network(
     data_range: float = 2.0,
     fingerprint: str | None = None,
     num_classes: int | None = None,
+    info: dict | None = None,
 ) -> Flow:
     """A Flow from a network `net(x, time, **cond)` that predicts eps, x1 (data), v or the velocity.
 
@@ -410,6 +419,7 @@ def from_network(
         guidance=guidance,
         dtype=next((p.dtype for p in net.parameters()), None) if isinstance(net, torch.nn.Module) else None,
         num_classes=num_classes,
+        info=info,
     )
 
 

@@ -2,6 +2,11 @@
 
 zoo:gmm2d      a 2-D Gaussian mixture (6 components, 3 classes) with its exact velocity
 zoo:gmm<D>d    a seeded random mixture in D dimensions, e.g. zoo:gmm16d
+zoo:digits-ot  16x16 digits, flow matching on the CondOT path, velocity prediction
+zoo:digits-vp  16x16 digits, eps-prediction, DDPM discrete linear-beta schedule (timesteps 0..999)
+zoo:digits-cos 16x16 digits, v-prediction on the cosine path
+The digits models are class-conditional (labels 0..9) and sample with their default guidance
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -12,13 +17,22 @@ from ..errors import BespokeError
 from ..flows import Flow, Guidance
 from ..paths import Scheduler, scheduler_from_name
 from .gmm import GaussianMixture, gmm2d, gmm_flow, random_mixture
+from .pretrained import DIGITS_MODELS, digits_flow
 
 __all__ = ["load_model", "ZOO_NAMES", "GaussianMixture", "gmm_flow", "gmm2d", "random_mixture"]
 
-ZOO_NAMES = ("gmm2d", "gmm<D>d")
+ZOO_NAMES = ("gmm2d", "gmm<D>d", *DIGITS_MODELS)
 
 
-def _zoo(name: str, scheduler: Scheduler, guidance: Guidance | None) -> Flow:
+def _zoo(name: str, scheduler: Scheduler | None, guidance) -> Flow:
+    if name in DIGITS_MODELS:
+        if scheduler is not None:
+            raise BespokeError(f"zoo:{name} was trained on its own path; `path` only applies to the analytic models")
+        return digits_flow(name, guidance)
+    scheduler = scheduler or scheduler_from_name("condot")
+    guidance = None if guidance == "default" else guidance
+    if isinstance(guidance, (int, float)):
+        guidance = Guidance(float(guidance), "fm")
     if name == "gmm2d":
         return gmm2d(scheduler, guidance)
     m = re.fullmatch(r"gmm(\d+)d", name)
@@ -27,15 +41,18 @@ def _zoo(name: str, scheduler: Scheduler, guidance: Guidance | None) -> Flow:
     raise BespokeError(f"unknown zoo model 'zoo:{name}'; available: {', '.join('zoo:' + n for n in ZOO_NAMES)}")
 
 
-def load_model(spec: str, *, path: str | Scheduler = "condot", guidance: Guidance | float | None = None) -> Flow:
-    """A Flow from a model spec. `path` picks the Gaussian path of analytic models (condot, cosine,
-    vp, vp-discrete, ve, edm, or a Scheduler); `guidance` a CFG weight (fm convention) or a Guidance."""
+def load_model(spec: str, *, path: str | Scheduler | None = None, guidance="default") -> Flow:
+    """A Flow from a model spec.
+
+    path:     the Gaussian path of the analytic models (condot by default, cosine, vp, vp-discrete,
+              ve, edm, or a Scheduler); trained models keep the path they were trained on.
+    guidance: "default" (the model's own default: none for the mixtures), None (no guidance),
+              a weight in the fm convention (1+w) cond - w uncond, or a bespoke.Guidance.
+    """
     if not isinstance(spec, str) or ":" not in spec:
         raise BespokeError(f"model spec must look like zoo:NAME, got {spec!r}")
     kind, _, name = spec.partition(":")
     if kind != "zoo":
         raise BespokeError(f"unsupported model spec {spec!r}: only zoo:NAME models are available in this version")
-    scheduler = path if isinstance(path, Scheduler) else scheduler_from_name(path)
-    if isinstance(guidance, (int, float)):
-        guidance = Guidance(float(guidance), "fm")
+    scheduler = path if isinstance(path, Scheduler) or path is None else scheduler_from_name(path)
     return _zoo(name, scheduler, guidance)

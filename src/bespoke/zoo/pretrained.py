@@ -1,0 +1,117 @@
+"""Loading the bundled digits models: safetensors weights + JSON metadata, never a pickle.
+
+Each weights file records how it was made (recipe, training wall time, machine) and, once chosen,
+the model's default guidance; `digits_flow` turns it into a Flow through the public adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..errors import BespokeError
+from ..flows import Flow, Guidance, from_network
+from ..paths import scheduler_from_name
+from .digits import NUM_CLASSES, SIZE
+from .unet import UNet
+
+__all__ = [
+    "DIGITS_MODELS",
+    "digits_flow",
+    "digits_network",
+    "fingerprint",
+    "read_weights",
+    "weights_path",
+    "write_metadata",
+]
+
+DIGITS_MODELS = ("digits-ot", "digits-vp", "digits-cos")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def weights_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the weights (names, dtypes, shapes, bytes), 16 hex digits: metadata edits keep it."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=8)
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(state dict, metadata, fingerprint of the weights)."""
+    if not path.is_file():
+        raise BespokeError(
+            f"model weights {path} are missing; reinstall the package or train them with "
+            f"`python -m bespoke.zoo.train {path.stem}`"
+        )
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["bespoke"])
+        state = load_file(str(path))
+    except (KeyError, json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own types
+        raise BespokeError(f"{path} is not a valid bespoke weights file ({type(e).__name__}: {e})") from None
+    return state, meta, fingerprint(state)
+
+
+def _guidance(guidance, meta: dict) -> Guidance | None:
+    if guidance == "default":
+        default = meta.get("default_guidance")
+        guidance = None if default is None else Guidance(default["weight"], default["convention"])
+    if guidance is None:
+        return None
+    if isinstance(guidance, (int, float)):
+        guidance = Guidance(float(guidance), "fm")
+    return Guidance(guidance.weight, guidance.convention, {"labels": NUM_CLASSES})
+
+
+def digits_network(name: str) -> tuple[UNet, dict, str]:
+    """The bare network of a bundled model (eval mode, frozen), its metadata and fingerprint."""
+    state, meta, fp = read_weights(weights_path(name))
+    cfg = meta["unet"]
+    net = UNet(channels=tuple(cfg["channels"]), num_classes=cfg["num_classes"], time_scale=cfg["time_scale"])
+    net.load_state_dict(state, strict=True)
+    net.eval().requires_grad_(False)
+    return net, meta, fp
+
+
+def digits_flow(name: str, guidance="default") -> Flow:
+    """zoo:digits-ot | digits-vp | digits-cos as a Flow (sample shape (1, 16, 16), labels 0..9)."""
+    net, meta, fingerprint = digits_network(name)
+    recipe = meta["recipe"]
+    return from_network(
+        net,
+        prediction=recipe["prediction"],
+        scheduler=scheduler_from_name(recipe["path"]),
+        time_input=recipe["time_input"],
+        guidance=_guidance(guidance, meta),
+        sample_shape=(1, SIZE, SIZE),
+        name=f"zoo:{name}",
+        fingerprint=fingerprint,
+        num_classes=NUM_CLASSES,
+        info=meta,
+    )
+
+
+def write_metadata(name: str, **updates) -> None:
+    """Merge `updates` into a weights file's metadata (atomic rewrite; the weights are untouched)."""
+    from safetensors.torch import save_file
+
+    path = weights_path(name)
+    state, meta, _ = read_weights(path)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"bespoke": json.dumps({**meta, **updates})})
+    tmp.replace(path)
+    read_weights.cache_clear()
