@@ -9,6 +9,7 @@ bespoke.psnr(x, gt.samples)
 
 from . import paths
 from .errors import BespokeError
+from .fd import class_accuracy, fd_digits
 from .flows import Flow, Guidance, from_network
 from .metrics import EvalResult, evaluate, psnr, rmse
 from .noise import draw_noise
@@ -36,5 +37,7 @@ __all__ = [
     "evaluate",
     "EvalResult",
     "draw_noise",
+    "fd_digits",
+    "class_accuracy",
     "__version__",
 ]

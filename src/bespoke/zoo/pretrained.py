@@ -113,5 +113,6 @@ def write_metadata(name: str, **updates) -> None:
     state, meta, _ = read_weights(path)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"bespoke": json.dumps({**meta, **updates})})
+    tmp.chmod(0o644)  # safetensors writes 0600; a file shipped in the package must be world-readable
     tmp.replace(path)
     read_weights.cache_clear()

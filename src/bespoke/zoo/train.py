@@ -166,6 +166,7 @@ def train(
     save_file(
         {k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata={"bespoke": json.dumps(meta)}
     )
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a file shipped in the package must be world-readable
     os.replace(tmp, path)
     ckpt.unlink(missing_ok=True)
     return path
