@@ -61,7 +61,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})["bespoke"])
         state = load_file(str(path))
-    except (KeyError, json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own types
+    except Exception as e:  # a missing key, bad JSON, or safetensors' own error types for a damaged file
         raise BespokeError(f"{path} is not a valid bespoke weights file ({type(e).__name__}: {e})") from None
     return state, meta, fingerprint(state)
 
