@@ -195,8 +195,8 @@ class Flow:
                   models: their smallest training timestep). Ground truth integrates to it and
                   then takes the data prediction there (DESIGN §3).
     data_range:   peak-to-peak range of the data, for PSNR (2 for data in [-1, 1])
-    dtype:        the model's compute dtype (ground truth keeps its state in float64 and casts
-                  to it for each evaluation); None = any
+    dtype:        the model's compute dtype (network adapters cast the state to it for the network
+                  call only, so a float64 state keeps float64 coefficient math); None = any
     num_classes:  number of class labels of a class-conditional model (None otherwise)
     info:         what the model source knows of it (recipe, training time, ...), JSON-able
     """
@@ -394,9 +394,13 @@ def from_network(
         if bad:
             raise BespokeError(f"cond_keys {bad} are not parameters of the network (it takes {keys})")
 
+    net_dtype = next((p.dtype for p in net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+
     def predict(x, t, **cond):
-        tin = to_net_time(t.to("cpu", torch.float64)).to(device=x.device, dtype=x.dtype)
-        return _output_tensor(net(x, tin, **cond))
+        # the network runs in its own dtype; the state and the coefficient math keep theirs (e.g. float64)
+        xin = x if net_dtype is None else x.to(net_dtype)
+        tin = to_net_time(t.to("cpu", torch.float64)).to(device=x.device, dtype=xin.dtype)
+        return _output_tensor(net(xin, tin, **cond)).to(x.dtype)
 
     if guidance is not None:
         unknown = [k for k in guidance.null if k not in cond_keys]
@@ -417,7 +421,7 @@ def from_network(
         data_range=data_range,
         fingerprint=fingerprint,
         guidance=guidance,
-        dtype=next((p.dtype for p in net.parameters()), None) if isinstance(net, torch.nn.Module) else None,
+        dtype=net_dtype,
         num_classes=num_classes,
         info=info,
     )

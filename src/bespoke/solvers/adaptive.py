@@ -40,7 +40,6 @@ def ground_truth(
     flow.check_noise(noise)
     if not (rtol > 0 and atol > 0):
         raise BespokeError(f"rtol and atol must be > 0, got {rtol}, {atol}")
-    dtype = getattr(flow, "dtype", None) or torch.float64
     end = flow.ode_end
     req = None
     if times is not None:
@@ -54,7 +53,7 @@ def ground_truth(
     )
 
     def rhs(t, x):
-        return flow(t, x.to(dtype), **cond).to(torch.float64)
+        return flow(t, x, **cond).to(torch.float64)
 
     x0 = noise.detach().to(torch.float64)
     with torch.no_grad(), flow.counting() as count:
