@@ -456,4 +456,5 @@ def scale_time_flow(flow: Flow, target: Scheduler) -> Flow:
         guidance=flow.guidance,
         dtype=flow.dtype,
         num_classes=flow.num_classes,
+        info=flow.info,
     )
