@@ -12,7 +12,6 @@ Inception's pool3 in FID. Training: seeded, Adam with cosine decay, random +-1 p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,11 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import BespokeError
+from ..io import load_tensors, save_tensors
 from .digits import NUM_CLASSES, SIZE, load_digits16
 
 __all__ = ["DigitsClassifier", "ClassifierRecipe", "CLASSIFIER_PATH", "train_classifier", "load_classifier"]
@@ -135,38 +133,28 @@ def train_classifier(
         "heldout_images": int(xh.shape[0]),
         "num_params": sum(p.numel() for p in net.parameters()),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"bespoke": json.dumps(meta)}
-    )
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a shipped package file must be world-readable
-    os.replace(tmp, path)
+    save_tensors(path, net.state_dict(), meta)
     return meta
+
+
+_RETRAIN = "retrain it: python -m bespoke.zoo.classifier"
 
 
 def classifier_metadata(path: Path = CLASSIFIER_PATH) -> dict:
     """The JSON metadata stored with the weights (architecture, training time, held-out accuracy, ...)."""
-    if not Path(path).is_file():
-        raise BespokeError(
-            f"digits classifier weights not found at {path}; train them: python -m bespoke.zoo.classifier"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("bespoke")
-    if meta is None:
-        raise BespokeError(f"{path} has no 'bespoke' metadata; retrain: python -m bespoke.zoo.classifier")
-    return json.loads(meta)
+    return load_tensors(path, _RETRAIN)[1]
 
 
 @lru_cache(maxsize=4)
 def load_classifier(path: Path = CLASSIFIER_PATH) -> DigitsClassifier:
     """The shipped classifier (safetensors, no pickle) in eval mode with gradients off; cached per path."""
-    arch = classifier_metadata(path)["arch"]
+    state, meta = load_tensors(path, _RETRAIN)
+    arch = meta["arch"]
     net = DigitsClassifier(tuple(arch["channels"]), arch["feature_dim"], arch["dropout"])
     try:
-        net.load_state_dict(load_file(str(path)))
+        net.load_state_dict(state)
     except (RuntimeError, KeyError) as e:
-        raise BespokeError(f"{path} does not match the classifier architecture ({e}); retrain it") from e
+        raise BespokeError(f"{path} does not match the classifier architecture ({e}); {_RETRAIN}") from e
     return net.eval().requires_grad_(False)
 
 

@@ -7,16 +7,13 @@ the model's default guidance; `digits_flow` turns it into a Flow through the pub
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from ..errors import BespokeError
 from ..flows import Flow, Guidance, from_network
+from ..io import load_tensors, save_tensors
 from ..paths import scheduler_from_name
 from .digits import NUM_CLASSES, SIZE
 from .unet import UNet
@@ -52,17 +49,9 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 @lru_cache(maxsize=8)
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(state dict, metadata, fingerprint of the weights)."""
-    if not path.is_file():
-        raise BespokeError(
-            f"model weights {path} are missing; reinstall the package or train them with "
-            f"`python -m bespoke.zoo.train {path.stem}`"
-        )
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["bespoke"])
-        state = load_file(str(path))
-    except Exception as e:  # a missing key, bad JSON, or safetensors' own error types for a damaged file
-        raise BespokeError(f"{path} is not a valid bespoke weights file ({type(e).__name__}: {e})") from None
+    state, meta = load_tensors(
+        path, f"reinstall the package or train the model again: `python -m bespoke.zoo.train {path.stem}`"
+    )
     return state, meta, fingerprint(state)
 
 
@@ -107,12 +96,7 @@ def digits_flow(name: str, guidance="default") -> Flow:
 
 def write_metadata(name: str, **updates) -> None:
     """Merge `updates` into a weights file's metadata (atomic rewrite; the weights are untouched)."""
-    from safetensors.torch import save_file
-
     path = weights_path(name)
     state, meta, _ = read_weights(path)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"bespoke": json.dumps({**meta, **updates})})
-    tmp.chmod(0o644)  # safetensors writes 0600; a file shipped in the package must be world-readable
-    tmp.replace(path)
+    save_tensors(path, state, {**meta, **updates})
     read_weights.cache_clear()

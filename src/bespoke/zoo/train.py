@@ -15,7 +15,6 @@ are what ships. A checkpoint every 500 iterations lets a killed run resume (`--r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,10 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..flows import prediction_from_velocity
+from ..io import save_tensors
 from ..paths import CondOT, Cosine, Scheduler, VPDiscrete
 from .digits import NUM_CLASSES, load_digits16
 from .unet import UNet
@@ -162,12 +161,7 @@ def train(
         "num_params": sum(p.numel() for p in ema.parameters()),
     }
     path = out_dir / f"{name}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata={"bespoke": json.dumps(meta)}
-    )
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a file shipped in the package must be world-readable
-    os.replace(tmp, path)
+    save_tensors(path, ema.state_dict(), meta)
     ckpt.unlink(missing_ok=True)
     return path
 
