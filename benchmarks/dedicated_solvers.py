@@ -24,22 +24,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import bespoke  # noqa: E402
-from bespoke.solvers import METHODS, SOLVER_NAMES  # noqa: E402
+from bespoke.solvers import SOLVER_NAMES, largest_valid_nfe  # noqa: E402
 from bespoke.solvers.grids import GRIDS  # noqa: E402
 
 NFES = (4, 6, 8, 12, 16)
 PATHS = ("condot", "cosine", "vp", "vp-discrete")
 MARK = "dedicated_solvers"
-
-
-def largest_valid_nfe(name: str, nfe: int) -> int | None:
-    for n in range(nfe, 0, -1):
-        try:
-            METHODS[name].steps_for(name, n)
-            return n
-        except bespoke.BespokeError:
-            continue
-    return None
 
 
 def run_path(path: str, noise: torch.Tensor, grids: tuple[str | None, ...] = (None,)):

@@ -11,7 +11,7 @@ import torch
 import bespoke
 from bespoke import BespokeError
 from bespoke.paths import VE, CondOT, VPDiscrete
-from bespoke.solvers import METHODS, SOLVER_NAMES, NSSolver
+from bespoke.solvers import METHODS, SOLVER_NAMES, NSSolver, largest_valid_nfe
 from bespoke.solvers.grids import GRIDS, karras_sigmas
 from bespoke.zoo import gmm_flow
 from bespoke.zoo.gmm import gmm2d_mixture
@@ -20,13 +20,7 @@ F64 = torch.float64
 
 
 def valid_nfe(name: str, nfe: int) -> int:
-    """The largest NFE <= nfe that `name` accepts."""
-    while True:
-        try:
-            METHODS[name].steps_for(name, nfe)
-            return nfe
-        except BespokeError:
-            nfe -= 1
+    return largest_valid_nfe(name, nfe)
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +283,18 @@ def test_explicit_times(noise):
         bespoke.solver("euler", nfe=3, grid=[0.0, 0.6, 0.4, 1.0])
     with pytest.raises(BespokeError, match="needs 5 times"):
         bespoke.solver("midpoint", nfe=8, grid=[0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_largest_valid_nfe_is_the_largest_nfe_the_solver_accepts(name):
+    for nfe in range(0, 20):
+        accepted = [k for k in range(1, nfe + 1) if _accepts(name, k)]
+        assert largest_valid_nfe(name, nfe) == (max(accepted) if accepted else None)
+
+
+def _accepts(name, nfe):
+    try:
+        bespoke.solver(name, nfe=nfe)
+        return True
+    except BespokeError:
+        return False

@@ -26,7 +26,7 @@ from bespoke import BespokeError
 from bespoke.flows import GUIDANCE_CONVENTIONS
 from bespoke.noise import draw_labels, draw_noise
 from bespoke.paths import SCHEDULERS
-from bespoke.solvers import METHODS
+from bespoke.solvers import METHODS, largest_valid_nfe
 
 __all__ = ["main", "build_parser"]
 
@@ -252,16 +252,6 @@ class _Cell:
     error: str | None = None
 
 
-def _largest_valid_nfe(name: str, nfe: int) -> int | None:
-    for k in range(nfe, 0, -1):
-        try:
-            bespoke.solver(name, nfe=k)
-            return k
-        except BespokeError:
-            continue
-    return None
-
-
 def _nfe_rule(name: str) -> str:
     method = METHODS.get(name)
     return method.nfe_rule() if method is not None else "other NFE"
@@ -330,7 +320,7 @@ def cmd_eval(args) -> int:
     cond = {k: v.to(device) for k, v in cond.items()}
     noise = draw_noise(flow.sample_shape, args.num, args.seed, dtype=torch.float64, device=device)
 
-    cells = [_Cell(name, n, _largest_valid_nfe(name, n)) for name in names for n in args.nfe]
+    cells = [_Cell(name, n, largest_valid_nfe(name, n)) for name in names for n in args.nfe]
 
     def say(msg):
         if not args.quiet:

@@ -32,7 +32,7 @@ from .multistep import ipndm
 from .nonstationary import NSSolver, compile_ns
 from .rk import EULER, HEUN, MIDPOINT, RK4, edm_heun, rk_program
 
-__all__ = ["solver", "SOLVER_NAMES", "Solver", "NSSolver", "Dedicated", "compile_ns", "METHODS"]
+__all__ = ["largest_valid_nfe", "solver", "SOLVER_NAMES", "Solver", "NSSolver", "Dedicated", "compile_ns", "METHODS"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ class Method:
         if rem or steps < 1 or nfe < 1:
             raise BespokeError(f"{name} cannot take nfe={nfe}; it takes {self.nfe_rule()}")
         return steps
+
+    def largest_nfe(self, nfe: int) -> int | None:
+        """The largest NFE <= nfe this method takes (None if there is none)."""
+        steps = (nfe + self.saved_evals) // self.evals_per_step
+        return self.evals_per_step * steps - self.saved_evals if steps >= 1 else None
 
     def nfe_rule(self) -> str:
         k, s = self.evals_per_step, self.saved_evals
@@ -71,6 +76,14 @@ METHODS: dict[str, Method] = {
     "edm-heun": Method(edm_heun, "edm-start", evals_per_step=2, saved_evals=1, needs_scheduler=True),
 }
 SOLVER_NAMES = tuple(METHODS)
+
+
+def largest_valid_nfe(name: str, nfe: int) -> int | None:
+    """The largest NFE <= nfe that the built-in solver `name` takes (None if there is none)."""
+    if name not in METHODS:
+        raise BespokeError(f"unknown solver {name!r}; valid names: {', '.join(SOLVER_NAMES)}")
+    return METHODS[name].largest_nfe(nfe)
+
 
 _OPTION_RANGES = {"unipc": {"order": (1, 3)}, "ipndm": {"order": (1, 4)}}
 
