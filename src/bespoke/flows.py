@@ -72,7 +72,7 @@ def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _coefficients(sched: Scheduler, t: torch.Tensor):
-    t = t.detach().to("cpu", torch.float64)
+    t = t.to("cpu", torch.float64)  # differentiable: learned solvers train their times through here
     return sched.alpha(t), sched.sigma(t), sched.d_alpha(t), sched.d_sigma(t)
 
 

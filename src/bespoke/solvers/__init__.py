@@ -20,6 +20,7 @@ grid of the RK baselines in [BES]/[BNS] and DDIM's uniform timesteps.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -94,8 +95,11 @@ def _grid(name: str):
     return grid_by_name(name)
 
 
-def solver(name: str, nfe: int, *, grid: str | Sequence[float] | None = None, **options) -> Solver:
-    """A built-in solver by name, for exactly `nfe` network evaluations.
+def solver(name: str, nfe: int | None = None, *, grid: str | Sequence[float] | None = None, **options) -> Solver:
+    """A built-in solver by name, or a learned one from a solver file, for exactly `nfe` network evaluations.
+
+    name: a built-in name (SOLVER_NAMES) or the path of a solver file (`*.safetensors`, see
+          `solvers/files.py`; options flow=..., force=... check it against the model).
 
     grid: one of uniform, logsnr, edm, quadratic (default: the method's recommended grid), or
           explicit times t_0 = 0 < ... < t_N = 1 (N = number of steps for that NFE).
@@ -103,6 +107,10 @@ def solver(name: str, nfe: int, *, grid: str | Sequence[float] | None = None, **
     """
     if isinstance(name, Solver):
         return name
+    if isinstance(name, (str, os.PathLike)) and (str(name).endswith(".safetensors") or os.path.isfile(name)):
+        from .files import load_solver
+
+        return load_solver(name, nfe, **options)
     method = METHODS.get(name)
     if method is None:
         raise BespokeError(f"unknown solver {name!r}; valid names: {', '.join(SOLVER_NAMES)}")

@@ -20,7 +20,7 @@ import torch
 from ..errors import BespokeError
 from .base import Solver, validate_times
 
-__all__ = ["NSSolver", "Lin", "Trace", "compile_ns"]
+__all__ = ["NSSolver", "Lin", "Trace", "compile_ns", "run_ns"]
 
 
 class NSSolver(Solver):
@@ -53,16 +53,33 @@ class NSSolver(Solver):
         return self
 
     def sample(self, flow, noise, **cond):
-        """Algorithm 1 of [BNS]."""
         flow.check_noise(noise)
         a = self.a.to(noise.device, noise.dtype)
         b = self.b.to(noise.device, noise.dtype)
-        x = self.start_scale * noise
-        us = []
-        for i in range(self.nfe):
-            us.append(flow(self.times[i], x, **cond))
-            x = a[i] * noise + sum(b[i, j] * us[j] for j in range(i + 1))
-        return x
+        return run_ns(lambda t, x: flow(t, x, **cond), noise, self.times, a, b, self.start_scale)
+
+
+def run_ns(ev, x0, times, a, b, start_scale=1.0, frame=None):
+    """Algorithm 1 of [BNS]: x_{i+1} = a_i x_0 + sum_{j<=i} b_ij u_j with u_j = ev(t_j, x_j) (Eq. 11).
+
+    frame: a `ScaleTime` at the grid points (r_0..r_n) to run the loop in scale-time coordinates
+    x_bar = s_r x(t_r) (BNS preconditioning, spec §3.3): it starts from x_bar_0 = s_0 x_0, uses
+    u_bar_j = (s'_j / s_j) x_bar_j + t'_j s_j u(t_j, x_bar_j / s_j) and returns x_bar_n / s_n.
+    Works on tensors (sampling, training) and on `Lin` values (compilation to plain NS form).
+    """
+    n = len(times) - 1
+    if frame is not None:
+        x0 = frame.s[0] * x0
+    x = start_scale * x0
+    us = []
+    for i in range(n):
+        if frame is None:
+            us.append(ev(times[i], x))
+        else:
+            s, ds, dt = frame.s[i], frame.ds[i], frame.dt[i]
+            us.append((ds / s) * x + (dt * s) * ev(frame.t[i], x / s))
+        x = a[i] * x0 + sum(b[i, j] * us[j] for j in range(i + 1))
+    return x if frame is None else x / frame.s[n]
 
 
 class Lin:

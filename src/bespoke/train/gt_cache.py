@@ -1,0 +1,451 @@
+"""The ground-truth cache: (noise, dopri5 sample) pairs in safetensors shards plus a JSON manifest.
+
+    cache = generate_gt(flow, "gt/", num=1000, seed=0)   # resumes / extends an existing directory
+    cache = load_gt("gt/", flow)                           # validated: checksums, shapes, model
+    x0, x1, cond = cache.noise, cache.samples, cache.cond()
+
+Pair i depends only on (model, seed, i, shard_size, rtol, atol): its noise is sample i of
+`draw_noise(sample_shape, ..., seed)` (drawn in float64, stored in the model's dtype, or float64 for
+models without one), its label (class-conditional models) label i of `draw_labels`, and its sample
+comes from one dopri5 solve over the whole shard that holds it (dopri5's step size depends on the
+batch, so the batch is fixed to the shard). Shard k is `shard-0000k.safetensors` and holds pairs
+[k * shard_size, (k + 1) * shard_size); shards are always full, so a cache holds `num` rounded up
+to a multiple of `shard_size`. The manifest is rewritten (atomically) after every shard, with the
+SHA-256 of each shard file, so a killed run resumes where it stopped and a damaged shard is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..errors import BespokeError
+from ..io import load_tensors, save_tensors
+from ..noise import draw_labels, draw_noise
+
+__all__ = ["GTCache", "generate_gt", "load_gt", "FORMAT", "VERSION", "MANIFEST"]
+
+FORMAT = "bespoke-gt"
+VERSION = 1
+MANIFEST = "manifest.json"
+_HOW_TO_MAKE = "make one with `bespoke gt --model SPEC --num N --out DIR`"
+# settings that must agree for a resumed run to add pairs of the same kind
+_RESUME_FIELDS = (
+    "fingerprint",
+    "seed",
+    "shard_size",
+    "rtol",
+    "atol",
+    "guidance",
+    "dtype",
+    "sample_shape",
+    "scheduler",
+    "num_classes",
+)
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class GTCache:
+    """Pairs loaded from a GT cache, in index order: noise[i] -> samples[i] (with labels[i]).
+
+    path:     the cache directory
+    manifest: its manifest, with `stored` (pairs on disk) and `complete` (all requested shards exist)
+    noise:    (n, *sample_shape) in the model's dtype (float64 when it has none)
+    samples:  (n, *sample_shape), float32 for float32/16/bf16 models, else float64
+    labels:   (n,) int64 for class-conditional models, else None
+    nfe:      dopri5 NFE of each shard the pairs come from
+    start:    index of the first pair in the cache (0 unless this is a `slice`)
+    """
+
+    path: Path
+    manifest: dict
+    noise: torch.Tensor
+    samples: torch.Tensor
+    labels: torch.Tensor | None
+    nfe: list[int]
+    start: int = 0
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"GTCache({str(self.path)!r}, {len(self)} pairs from {self.start}, model={m.get('model')!r}, "
+            f"seed={m.get('seed')}, rtol={m.get('rtol')}, atol={m.get('atol')})"
+        )
+
+    def slice(self, start: int | None = None, stop: int | None = None) -> GTCache:
+        """Pairs start..stop-1 (Python slice rules) as a GTCache sharing the manifest; nfe of the shards they touch."""
+        r = range(len(self))[start:stop]
+        a, b = r.start, max(r.start, r.stop)
+        size = int(self.manifest["shard_size"])
+        lo, hi = self.start + a, self.start + b
+        nfe_all = [e["nfe"] for e in self.manifest["shards"]]
+        nfe = nfe_all[lo // size : -(-hi // size)] if hi > lo else []
+        labels = None if self.labels is None else self.labels[a:b]
+        return replace(self, noise=self.noise[a:b], samples=self.samples[a:b], labels=labels, nfe=nfe, start=lo)
+
+    def cond(self, start: int | None = 0, stop: int | None = None) -> dict:
+        """The conditioning keywords for pairs start..stop-1: {"labels": ...} or {} (pass as **cond)."""
+        return {} if self.labels is None else {"labels": self.labels[start:stop]}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _storage_dtypes(flow) -> tuple[torch.dtype, torch.dtype]:
+    """(noise dtype, samples dtype): the model's dtype (float64 if none); samples at least float32."""
+    noise = flow.dtype or torch.float64
+    if not isinstance(noise, torch.dtype) or not noise.is_floating_point:
+        raise BespokeError(f"{flow.name} has dtype {flow.dtype!r}; a GT cache needs a floating-point model")
+    samples = torch.float32 if noise in _LOW_PRECISION else torch.float64
+    return noise, samples
+
+
+def _library_version() -> str:
+    version = getattr(sys.modules.get("bespoke"), "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("bespoke-solvers")
+        except Exception:
+            version = "unknown"
+    return str(version)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value):
+    """The value as it reads back from the manifest (tuples -> lists, ...), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def _settings(flow, *, seed, shard_size, rtol, atol) -> dict:
+    if flow.sample_shape is None:
+        raise BespokeError(f"{flow.name} does not declare its sample shape, so noise cannot be drawn for it")
+    if flow.num_classes is not None and "labels" not in flow.cond_keys:
+        raise BespokeError(f"{flow.name} declares {flow.num_classes} classes but takes no `labels` keyword")
+    noise_dtype, samples_dtype = _storage_dtypes(flow)
+    return _jsonable(
+        {
+            "model": flow.name,
+            "fingerprint": flow.fingerprint,
+            "scheduler": None if flow.scheduler is None else repr(flow.scheduler),
+            "guidance": None if flow.guidance is None else flow.guidance.as_dict(),
+            "sample_shape": list(flow.sample_shape),
+            "dtype": _dtype_name(noise_dtype),
+            "samples_dtype": _dtype_name(samples_dtype),
+            "num_classes": flow.num_classes,
+            "labels": flow.num_classes is not None,
+            "solver": "dopri5",
+            "rtol": float(rtol),
+            "atol": float(atol),
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+    )
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / MANIFEST)
+    except OSError as e:
+        raise BespokeError(f"cannot write {out / MANIFEST}: {e.strerror or e}") from None
+
+
+def _read_manifest(out: Path) -> dict:
+    """The validated manifest of the cache in `out` (format, version, fields, shard list)."""
+    path = out / MANIFEST
+    if not out.is_dir():
+        raise BespokeError(f"{out} is not a GT cache (no such directory); {_HOW_TO_MAKE}")
+    if not path.is_file():
+        raise BespokeError(f"{out} is not a GT cache (it has no {MANIFEST}); {_HOW_TO_MAKE}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BespokeError(f"{out} is not a GT cache ({MANIFEST} cannot be read: {e}); {_HOW_TO_MAKE}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BespokeError(f"{out} is not a GT cache ({MANIFEST} is not a {FORMAT!r} manifest); {_HOW_TO_MAKE}")
+    if manifest.get("version") != VERSION:
+        raise BespokeError(
+            f"{out} is a GT cache of manifest version {manifest.get('version')!r}, which bespoke "
+            f"{_library_version()} cannot read (it knows version {VERSION}); regenerate it into a new "
+            "directory with `bespoke gt` or use the bespoke version that made it"
+        )
+    need = ("sample_shape", "dtype", "samples_dtype", "labels", "seed", "shard_size", "num", "rtol", "atol", "shards")
+    missing = [k for k in need if k not in manifest]
+    if missing:
+        raise BespokeError(f"{path} is damaged (missing {', '.join(missing)}); regenerate the cache with `bespoke gt`")
+    size, shards, num = manifest["shard_size"], manifest["shards"], manifest["num"]
+    ok = isinstance(size, int) and size >= 1 and isinstance(num, int) and num >= 1 and isinstance(shards, list)
+    for k, entry in enumerate(shards if ok else []):
+        ok = ok and (
+            isinstance(entry, dict)
+            and entry.get("file") == _shard_name(k)
+            and entry.get("start") == k * size
+            and entry.get("stop") == (k + 1) * size
+            and isinstance(entry.get("sha256"), str)
+        )
+    for key in ("dtype", "samples_dtype"):
+        ok = ok and isinstance(getattr(torch, str(manifest[key]), None), torch.dtype)
+    if not ok:
+        raise BespokeError(f"{path} is damaged (its shard list or dtypes are inconsistent); regenerate the cache")
+    return manifest
+
+
+def _finish(manifest: dict) -> dict:
+    """The manifest with `stored` and `complete` brought up to date."""
+    size = manifest["shard_size"]
+    manifest["stored"] = len(manifest["shards"]) * size
+    manifest["complete"] = len(manifest["shards"]) >= math.ceil(manifest["num"] / size)
+    return manifest
+
+
+def _check_flow(out: Path, manifest: dict, flow, force: bool) -> None:
+    """Refuse a cache made for another model (fingerprint or guidance) unless forced."""
+    problems = []
+    mine, theirs = flow.fingerprint, manifest.get("fingerprint")
+    if mine is None and theirs is None:
+        warnings.warn(f"cannot check that {out} was made for {flow.name}: neither has a fingerprint", stacklevel=3)
+    elif mine != theirs:
+        problems.append(f"model fingerprint {theirs} ({manifest.get('model')}), not {mine} ({flow.name})")
+    guidance = None if flow.guidance is None else _jsonable(flow.guidance.as_dict())
+    if guidance != manifest.get("guidance"):
+        problems.append(f"guidance {manifest.get('guidance')}, not {guidance}")
+    if problems:
+        msg = f"{out} holds ground truth for another model: {'; '.join(problems)}"
+        if not force:
+            raise BespokeError(
+                f"{msg}; load it with the model it was made for, make a cache for this one with "
+                "`bespoke gt`, or pass force=True"
+            )
+        warnings.warn(f"{msg} (loaded anyway: force=True)", stacklevel=3)
+
+
+def _load_shard(out: Path, manifest: dict, k: int) -> tuple[dict, dict]:
+    """The tensors and metadata of shard k, after checking its checksum, shapes and dtypes."""
+    entry = manifest["shards"][k]
+    path = out / entry["file"]
+    fix = f"delete it and re-run the generation (`bespoke gt` with the same settings and --out {out}) to regenerate it"
+    if not path.is_file():
+        raise BespokeError(f"GT shard {path} is missing; re-run the generation with the same settings to regenerate it")
+    if _sha256(path) != entry["sha256"]:
+        raise BespokeError(f"GT shard {path} is corrupt or truncated (its SHA-256 does not match the manifest); {fix}")
+    tensors, meta = load_tensors(path, fix)
+    size, shape = manifest["shard_size"], (manifest["shard_size"], *manifest["sample_shape"])
+    expect = {"noise": (shape, manifest["dtype"]), "samples": (shape, manifest["samples_dtype"])}
+    if manifest["labels"]:
+        expect["labels"] = ((size,), "int64")
+    bad = sorted(set(tensors) ^ set(expect)) + [
+        f"{name} {tuple(tensors[name].shape)} {_dtype_name(tensors[name].dtype)}"
+        for name, (want_shape, want_dtype) in expect.items()
+        if name in tensors
+        and (tuple(tensors[name].shape) != want_shape or _dtype_name(tensors[name].dtype) != want_dtype)
+    ]
+    if not isinstance(meta, dict) or (meta.get("index"), meta.get("start"), meta.get("stop")) != (
+        k,
+        entry["start"],
+        entry["stop"],
+    ):
+        bad.append("metadata")
+    if bad:
+        raise BespokeError(f"GT shard {path} does not match the manifest ({', '.join(bad)}); {fix}")
+    return tensors, meta
+
+
+def _load(out: Path, manifest: dict) -> GTCache:
+    parts = [_load_shard(out, manifest, k)[0] for k in range(len(manifest["shards"]))]
+    shape = tuple(manifest["sample_shape"])
+
+    def cat(name, dtype, tail):
+        if not parts:
+            return torch.empty((0, *tail), dtype=getattr(torch, dtype))
+        return torch.cat([p[name] for p in parts])
+
+    labels = cat("labels", "int64", ()) if manifest["labels"] else None
+    return GTCache(
+        path=out,
+        manifest=_finish(manifest),
+        noise=cat("noise", manifest["dtype"], shape),
+        samples=cat("samples", manifest["samples_dtype"], shape),
+        labels=labels,
+        nfe=[int(e["nfe"]) for e in manifest["shards"]],
+    )
+
+
+# --- public API ------------------------------------------------------------------------------------
+
+
+def load_gt(out_dir, flow=None, *, force: bool = False) -> GTCache:
+    """All pairs stored in the GT cache `out_dir`, validated (checksums, shapes, dtypes; model if `flow` is given).
+
+    A partial cache loads with the shards it has; `cache.manifest["complete"]` says whether it holds all
+    that was asked for. A cache made for another model (fingerprint or guidance) is refused unless force=True.
+    Loading never modifies the directory.
+    """
+    out = Path(out_dir)
+    manifest = _read_manifest(out)
+    if flow is not None:
+        _check_flow(out, manifest, flow, force)
+    return _load(out, manifest)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise BespokeError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def generate_gt(
+    flow,
+    out_dir,
+    *,
+    num: int,
+    seed: int = 0,
+    shard_size: int = 128,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    device=None,
+    quiet: bool = False,
+    max_shards: int | None = None,
+) -> GTCache:
+    """Make (or resume, or extend) the GT cache in `out_dir` with at least `num` pairs; return all it holds.
+
+    num is rounded up to whole shards. An existing cache must have been made with the same model and
+    settings (else an error names the difference); its intact shards are kept, missing or damaged ones are
+    (re)generated. max_shards: stop after generating that many shards (a valid partial cache).
+    device: where the solve runs (pairs are stored on the CPU). quiet: no progress bar.
+    """
+    from tqdm import tqdm
+
+    from ..solvers.adaptive import ground_truth
+
+    _check_int("num", num, 1)
+    _check_int("shard_size", shard_size, 1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise BespokeError(f"seed must be an integer, got {seed!r}")
+    if max_shards is not None:
+        _check_int("max_shards", max_shards, 0)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise BespokeError(f"{name} must be a positive number, got {value!r}")
+    settings = _settings(flow, seed=seed, shard_size=shard_size, rtol=rtol, atol=atol)
+    if flow.fingerprint is None:
+        warnings.warn(
+            f"{flow.name} has no fingerprint, so the cache cannot be checked against the model later",
+            stacklevel=2,
+        )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BespokeError(f"{out} exists and is not a directory; choose another --out directory")
+
+    if (out / MANIFEST).exists():
+        manifest = _read_manifest(out)
+        diff = [
+            f"{key}={manifest.get(key)!r} (now {settings[key]!r})"
+            for key in _RESUME_FIELDS
+            if manifest.get(key) != settings[key]
+        ]
+        if diff:
+            raise BespokeError(
+                f"{out} holds a GT cache made with other settings: {'; '.join(diff)}; "
+                "use another --out directory or the same settings"
+            )
+        manifest["num"] = max(int(manifest["num"]), num)
+    else:
+        manifest = {"format": FORMAT, "version": VERSION, **settings, "num": num, "shards": []}
+        manifest["created"] = _now()
+    manifest["library_version"] = _library_version()
+
+    shards = manifest["shards"]
+    wanted = max(math.ceil(num / shard_size), len(shards))
+    todo = []
+    for k in range(wanted):
+        if k < len(shards):
+            path = out / shards[k]["file"]
+            if path.is_file() and _sha256(path) == shards[k]["sha256"]:
+                continue
+            warnings.warn(f"GT shard {path} is missing or damaged; regenerating it", stacklevel=2)
+        todo.append(k)
+    if max_shards is not None:
+        todo = todo[:max_shards]
+
+    noise_dtype = getattr(torch, settings["dtype"])
+    samples_dtype = getattr(torch, settings["samples_dtype"])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BespokeError(f"cannot create {out}: {e.strerror or e}") from None
+    manifest["updated"] = _now()
+    _write_manifest(out, _finish(manifest))
+
+    bar = tqdm(
+        total=wanted, initial=wanted - len(todo), desc="ground truth", unit="shard", file=sys.stderr, disable=quiet
+    )
+    with bar:
+        for k in todo:
+            start, stop = k * shard_size, (k + 1) * shard_size
+            t0 = time.perf_counter()
+            noise = draw_noise(flow.sample_shape, shard_size, seed, dtype=torch.float64, start=start).to(noise_dtype)
+            tensors = {"noise": noise}
+            cond = {}
+            if settings["labels"]:
+                tensors["labels"] = draw_labels(shard_size, flow.num_classes, seed, start=start)
+                cond["labels"] = tensors["labels"].to(device or "cpu")
+            gt = ground_truth(flow, noise.to(device or "cpu"), rtol=float(rtol), atol=float(atol), **cond)
+            tensors["samples"] = gt.samples.to("cpu", samples_dtype)
+            seconds = round(time.perf_counter() - t0, 3)
+            path = out / _shard_name(k)
+            meta = {"index": k, "start": start, "stop": stop, "nfe": gt.nfe, "seconds": seconds}
+            try:
+                save_tensors(path, tensors, meta)
+            except OSError as e:
+                raise BespokeError(f"cannot write {path}: {e.strerror or e}") from None
+            entry = {"file": path.name, "start": start, "stop": stop, "nfe": gt.nfe, "seconds": seconds}
+            entry["sha256"] = _sha256(path)
+            if k < len(shards):
+                shards[k] = entry
+            else:  # todo is ascending and the shard list a prefix, so k == len(shards)
+                shards.append(entry)
+            manifest["updated"] = _now()
+            _write_manifest(out, _finish(manifest))
+            bar.set_postfix(nfe=gt.nfe)
+            bar.update(1)
+    return _load(out, _read_manifest(out))

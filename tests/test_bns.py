@@ -1,0 +1,320 @@
+"""BNS solvers: parameterisation, exact initialisation, training, kill/resume, solver files.
+
+Everything runs on the exact Gaussian-mixture flow zoo:gmm2d (closed-form velocity), in float64.
+"""
+
+import hashlib
+
+import pytest
+import torch
+
+import bespoke
+from bespoke import BespokeError
+from bespoke.flows import scale_time_flow
+from bespoke.paths import Preconditioned
+from bespoke.solvers.bns import BNSSolver
+from bespoke.solvers.files import load_solver, load_solvers, read_metadata, save_solvers
+from bespoke.train import generate_gt
+from bespoke.train.bns import init_candidates, solver_psnr, train_bns
+from bespoke.train.loop import FitConfig
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def flow():
+    return bespoke.load_model("zoo:gmm2d")
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return bespoke.draw_noise((2,), 64, seed=3, dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def pairs(flow, tmp_path_factory):
+    gt = generate_gt(flow, tmp_path_factory.mktemp("gt"), num=384, shard_size=128, quiet=True)
+    return gt.slice(128, 384), gt.slice(0, 128)  # train, val
+
+
+def perturbed(s: BNSSolver, seed: int = 0, scale: float = 0.05) -> BNSSolver:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=F64) * p.abs().clamp(min=0.1))
+    return s
+
+
+# --- parameterisation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nfe,count", [(4, 17), (8, 51), (16, 167)])
+def test_parameter_count_is_n_n_plus_5_over_2_minus_1(nfe, count, flow):
+    s = BNSSolver.from_solver(bespoke.solver("euler", nfe), flow)
+    assert s.num_parameters == count < 200
+    stored = s.log_dt.numel() + s.a.numel() + int(s.mask.sum())  # b is stored square, used lower triangular
+    assert stored == count + 1  # n log-increments carry n - 1 free times
+
+
+def test_times_stay_monotone_with_pinned_ends_for_any_parameters(flow):
+    s = perturbed(BNSSolver.from_solver(bespoke.solver("euler", 8), flow), scale=3.0)
+    t = s.times()
+    assert t[0].item() == 0.0 and t[-1].item() == 1.0
+    assert torch.all(torch.diff(t) > 0)
+
+
+@pytest.mark.parametrize("sigma0", [1.0, 3.0])
+@pytest.mark.parametrize("name", ["euler", "midpoint", "heun", "rk4", "ddim", "dpm++2m", "unipc", "ipndm"])
+def test_bns_at_initialisation_is_its_initialiser(name, sigma0, flow, noise):
+    """[BNS] §3.4: theta_0 is the dedicated solver itself (in the preconditioned coordinates if sigma0 != 1)."""
+    s = bespoke.solver(name, nfe=8)
+    bns = BNSSolver.from_solver(s, flow, sigma0=sigma0)
+    with torch.no_grad():
+        got = bns.sample(flow, noise)
+    if sigma0 == 1.0:
+        want = s.sample(flow, noise)
+    else:  # the dedicated solver on the preconditioned path, from x_bar_0 = sigma0 x_0, ending at s_1 = 1
+        want = s.sample(scale_time_flow(flow, Preconditioned(flow.scheduler, sigma0)), sigma0 * noise)
+    assert (got - want).abs().max().item() <= 1e-10
+
+
+def test_edm_heun_initialisation_keeps_its_truncated_start(flow, noise):
+    s = bespoke.solver("edm-heun", nfe=7)
+    with torch.no_grad():
+        got = BNSSolver.from_solver(s, flow).sample(flow, noise)
+    assert (got - s.sample(flow, noise)).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("sigma0", [1.0, 4.0])
+def test_plain_ns_compilation_of_a_trained_looking_solver_reproduces_it(sigma0, flow, noise):
+    bns = perturbed(BNSSolver.from_solver(bespoke.solver("midpoint", 8), flow, sigma0=sigma0), seed=1)
+    with torch.no_grad():
+        direct = bns.sample(flow, noise)
+    ns = bns.to_ns(flow)
+    assert isinstance(ns, bespoke.NSSolver) and ns.nfe == 8
+    assert (ns.sample(flow, noise) - direct).abs().max().item() <= 1e-10
+
+
+def test_preconditioning_needs_a_path_that_reaches_zero_snr():
+    vp = bespoke.load_model("zoo:gmm2d", path="vp-discrete")
+    with pytest.raises(BespokeError, match="sigma0 = 1"):
+        BNSSolver.from_solver(bespoke.solver("ddim", 8), vp, sigma0=5.0)
+
+
+def test_gradients_reach_times_and_coefficients(flow, noise):
+    bns = BNSSolver.from_solver(bespoke.solver("euler", 6), flow, sigma0=2.0)
+    bns.sample(flow, noise).pow(2).mean().backward()
+    for name, p in bns.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(flow, noise):
+    grads = []
+    for checkpoint in (False, True):
+        bns = perturbed(BNSSolver.from_solver(bespoke.solver("midpoint", 6), flow), seed=2)
+        bns.sample(flow, noise, checkpoint=checkpoint).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in bns.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_float32_sampling_keeps_float64_parameters(flow, noise):
+    bns = BNSSolver.from_solver(bespoke.solver("dpm++2m", 8), flow)
+    with torch.no_grad():
+        x32, x64 = bns.sample(flow, noise.float()), bns.sample(flow, noise)
+    assert x32.dtype == torch.float32 and all(p.dtype == F64 for p in bns.parameters())
+    assert (x32.double() - x64).abs().max().item() < 1e-5
+
+
+# --- training --------------------------------------------------------------------------------------
+
+FAST = dict(iterations=60, batch_size=32, lr=5e-3, val_every=20)
+
+
+def test_training_improves_validation_psnr_and_reports_it(flow, pairs):
+    train, val = pairs
+    s = train_bns(flow, train, val, 4, config=FitConfig(**FAST), quiet=True)
+    ts = s.training_summary
+    assert set(ts["init_candidates_psnr"]) == set(init_candidates(flow, 4))
+    assert ts["init"].split("[")[0] == max(ts["init_candidates_psnr"], key=ts["init_candidates_psnr"].get)
+    assert ts["val_psnr"] > ts["val_psnr_init"] + 3.0  # measured ~+10 dB
+    assert solver_psnr(s, flow, val) == pytest.approx(ts["val_psnr"], abs=1e-4)  # the best checkpoint is what it holds
+
+
+def test_a_run_that_only_gets_worse_returns_its_initialiser(flow, pairs, noise):
+    """Never a final solver worse than the start: with an absurd learning rate the initial parameters win."""
+    train, val = pairs
+    s = train_bns(flow, train, val, 4, init="euler", config=FitConfig(iterations=20, lr=5.0, val_every=10), quiet=True)
+    ts = s.training_summary
+    assert ts["val_psnr"] == ts["val_psnr_init"] and ts["best_iteration"] == 0
+    with torch.no_grad():
+        assert torch.equal(s.sample(flow, noise), bespoke.solver("euler", 4).to_ns(flow).sample(flow, noise))
+
+
+class Killed(Exception):
+    pass
+
+
+def killing_flow(flow, after: int):
+    """The same flow, but the process "dies" at its `after`-th evaluation."""
+    calls = {"n": 0}
+
+    def velocity(t, x, **cond):
+        calls["n"] += 1
+        if calls["n"] == after:
+            raise Killed
+        return flow._velocity(t, x, **cond)
+
+    return bespoke.Flow(
+        velocity,
+        scheduler=flow.scheduler,
+        sample_shape=flow.sample_shape,
+        cond_keys=flow.cond_keys,
+        name=flow.name,
+        fingerprint=flow.fingerprint,
+        num_classes=flow.num_classes,
+    )
+
+
+def test_a_killed_training_resumes_to_the_same_result(flow, pairs, tmp_path):
+    train, val = pairs
+    cfg = FitConfig(iterations=40, batch_size=32, lr=5e-3, val_every=10)
+    ref = train_bns(flow, train, val, 4, init="euler", config=cfg, checkpoint=tmp_path / "a.ckpt", quiet=True)
+    ckpt = tmp_path / "b.ckpt"
+    # 4 NFE per rollout: initial validation, 25 iterations, validations at 10 and 20 -> dies inside iteration 26
+    with pytest.raises(Killed):
+        train_bns(
+            killing_flow(flow, 4 * (1 + 25 + 2) + 2),
+            train,
+            val,
+            4,
+            init="euler",
+            config=cfg,
+            checkpoint=ckpt,
+            quiet=True,
+        )
+    assert ckpt.exists()
+    resumed = train_bns(flow, train, val, 4, init="euler", config=cfg, checkpoint=ckpt, quiet=True)
+    for (k, p), q in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert resumed.training_summary["history"] == ref.training_summary["history"]
+
+
+def test_a_checkpoint_of_another_run_is_refused(flow, pairs, tmp_path):
+    train, val = pairs
+    ckpt = tmp_path / "c.ckpt"
+    train_bns(
+        flow, train, val, 4, init="euler", config=FitConfig(iterations=10, val_every=10), checkpoint=ckpt, quiet=True
+    )
+    with pytest.raises(BespokeError, match="another training run.*nfe"):
+        train_bns(
+            flow,
+            train,
+            val,
+            5,
+            init="euler",
+            config=FitConfig(iterations=10, val_every=10),
+            checkpoint=ckpt,
+            quiet=True,
+        )
+
+
+# --- solver files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(flow):
+    return {n: perturbed(BNSSolver.from_solver(bespoke.solver("euler", n), flow, sigma0=2.0), seed=n) for n in (4, 8)}
+
+
+def test_save_load_sample_round_trips_bit_for_bit(flow, trained, noise, tmp_path):
+    path = tmp_path / "s.safetensors"
+    trained[4].training_summary = {"val_psnr": 40.0}
+    save_solvers(path, trained, flow)
+    loaded = load_solvers(path, flow=flow)
+    assert sorted(loaded) == [4, 8]
+    with torch.no_grad():
+        for n, s in trained.items():
+            assert torch.equal(loaded[n].sample(flow, noise), s.sample(flow, noise))
+    meta = read_metadata(path)
+    assert meta["format"] == "bespoke-solver" and meta["version"] == 1
+    assert meta["model"]["fingerprint"] == flow.fingerprint and meta["library_version"] == bespoke.__version__
+    e = meta["solvers"]["4"]
+    assert e["kind"] == "bns" and e["nfe"] == 4 and e["sigma0"] == 2.0 and e["init"] == "euler[uniform]"
+    assert e["training"] == {"val_psnr": 40.0} and len(e["times"]) == 5
+    # bespoke.solver(file, nfe) is the same solver, usable wherever a built-in one is
+    s8 = bespoke.solver(str(path), nfe=8)
+    assert s8.nfe == 8 and bespoke.evaluate(s8, flow, noise, noise).nfe == 8
+
+
+def test_asking_for_an_nfe_the_file_lacks_lists_the_ones_it_has(flow, trained, tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_solvers(path, trained, flow)
+    with pytest.raises(BespokeError, match="no solver for NFE 16; it has NFE 4, 8"):
+        load_solver(path, 16)
+    with pytest.raises(BespokeError, match="choose one"):
+        load_solver(path)
+
+
+def test_a_file_for_another_model_is_refused_unless_forced(flow, trained, noise, tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_solvers(path, trained, flow)
+    other = bespoke.load_model("zoo:gmm2d", path="cosine")
+    assert other.fingerprint != flow.fingerprint
+    with pytest.raises(BespokeError, match="fingerprint .*force"):
+        load_solver(path, 4, flow=other)
+    s = load_solver(path, 4)  # loaded without a model: refused when it meets the wrong one
+    with pytest.raises(BespokeError, match="trained for the model"):
+        s.sample(other, noise)
+    load_solver(path, 4, flow=other, force=True).sample(other, noise)
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "version", "format", "shape"])
+def test_damaged_files_give_one_line_errors_and_stay_untouched(damage, flow, trained, tmp_path):
+    path = tmp_path / "s.safetensors"
+    if damage in ("version", "format", "shape"):
+        from bespoke.io import save_tensors
+
+        tensors = {f"nfe4.{k}": v for k, v in trained[4].state_tensors().items()}
+        meta = {
+            "format": "bespoke-solver",
+            "version": 1,
+            "model": {"fingerprint": flow.fingerprint},
+            "solvers": {"4": trained[4].file_entry()},
+        }
+        if damage == "version":
+            meta["version"] = 99
+        elif damage == "format":
+            meta["format"] = "something-else"
+        else:
+            tensors["nfe4.b"] = tensors["nfe4.b"][:3]
+        save_tensors(path, tensors, meta)
+    else:
+        save_solvers(path, trained, flow)
+        data = bytearray(path.read_bytes())
+        if damage == "flip":
+            data[20:40] = b"\xff" * 20  # inside the JSON header
+        else:
+            data = data[: len(data) // 2]
+        path.write_bytes(bytes(data))
+    before = _digest(path)
+    with pytest.raises(BespokeError) as info:
+        load_solver(path, 4, flow=flow)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    assert {"version": "version 99", "format": "not a bespoke solver file", "shape": "nfe4.b"}.get(damage, "") in msg
+    assert _digest(path) == before
+
+
+def test_saving_an_invalid_solver_leaves_the_existing_file_alone(flow, trained, tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_solvers(path, trained, flow)
+    before = _digest(path)
+    with torch.no_grad():
+        trained[8].a[0] = float("nan")
+    with pytest.raises(BespokeError, match="NaN"):
+        save_solvers(path, trained, flow)
+    assert _digest(path) == before and not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,243 @@
+"""The ground-truth cache: deterministic pairs, shards + manifest, resume, validation (DESIGN §6)."""
+
+import json
+
+import pytest
+import torch
+
+import bespoke
+from bespoke import BespokeError
+from bespoke.noise import draw_labels, draw_noise
+from bespoke.train import GTCache, generate_gt, load_gt
+
+F64 = torch.float64
+SIZE = 4  # pairs per shard: small shards keep every test well under a second
+
+
+@pytest.fixture(scope="module")
+def flow():
+    flow = bespoke.load_model("zoo:gmm2d")
+    assert flow.num_classes == 3 and "labels" in flow.cond_keys  # class-conditional: the cache holds labels
+    return flow
+
+
+@pytest.fixture(scope="module")
+def reference(flow, tmp_path_factory):
+    """An uninterrupted 3-shard cache (num=10 rounds up to 12 pairs)."""
+    return generate_gt(flow, tmp_path_factory.mktemp("ref"), num=10, shard_size=SIZE, seed=5, quiet=True)
+
+
+def same(a: GTCache, b: GTCache) -> bool:
+    return (
+        torch.equal(a.noise, b.noise)
+        and torch.equal(a.samples, b.samples)
+        and (a.labels is None) == (b.labels is None)
+        and (a.labels is None or torch.equal(a.labels, b.labels))
+        and a.nfe == b.nfe
+    )
+
+
+def snapshot(path):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.iterdir())}
+
+
+def edit_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_draw_from_start_is_the_tail_of_the_full_draw():
+    full = draw_noise((3,), 20, seed=4, dtype=F64)
+    assert torch.equal(draw_noise((3,), 6, seed=4, dtype=F64, start=9), full[9:15])
+    assert torch.equal(draw_noise((3,), 0, seed=4, start=20), full[:0].float())
+    assert torch.equal(draw_labels(7, 5, seed=4, start=13), draw_labels(20, 5, seed=4)[13:])
+    for bad in (-1, 1.0, True):
+        with pytest.raises(BespokeError, match="start"):
+            draw_noise((3,), 2, seed=0, start=bad)
+        with pytest.raises(BespokeError, match="start"):
+            draw_labels(2, 3, seed=0, start=bad)
+
+
+def test_generation_writes_shards_and_manifest_and_loads_back(flow, reference):
+    path = reference.path
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    m = json.loads((path / "manifest.json").read_text())
+    assert (m["format"], m["version"], m["model"], m["fingerprint"]) == ("bespoke-gt", 1, flow.name, flow.fingerprint)
+    assert (m["num"], m["stored"], m["complete"], m["seed"], m["shard_size"]) == (10, 12, True, 5, SIZE)
+    assert (m["rtol"], m["atol"], m["dtype"], m["sample_shape"], m["guidance"]) == (1e-5, 1e-5, "float64", [2], None)
+    assert m["scheduler"] == repr(flow.scheduler) and m["library_version"] == bespoke.__version__
+    assert [(s["file"], s["start"], s["stop"]) for s in m["shards"]] == [
+        (f"shard-0000{k}.safetensors", SIZE * k, SIZE * (k + 1)) for k in range(3)
+    ]
+    assert len(reference) == 12 and reference.noise.shape == reference.samples.shape == (12, 2)
+    assert reference.noise.dtype == reference.samples.dtype == F64 and reference.labels.dtype == torch.long
+    assert torch.equal(reference.noise, draw_noise((2,), 12, seed=5, dtype=F64))
+    assert torch.equal(reference.labels, draw_labels(12, 3, seed=5))
+    loaded = load_gt(path, flow)
+    assert same(loaded, reference) and loaded.manifest == reference.manifest
+    for i in (0, 5, 11):  # pair i is the dopri5 solve of exactly its shard
+        a = i - i % SIZE
+        gt = bespoke.ground_truth(flow, loaded.noise[a : a + SIZE], **loaded.cond(a, a + SIZE))
+        assert torch.equal(loaded.samples[i], gt.samples[i - a])
+        assert gt.nfe == loaded.nfe[i // SIZE]
+
+
+def test_progress_bar_on_stderr_shows_nfe(flow, tmp_path, capsys):
+    cache = generate_gt(flow, tmp_path, num=SIZE, shard_size=SIZE)
+    err = capsys.readouterr().err
+    assert "1/1" in err and f"nfe={cache.nfe[0]}" in err
+
+
+def test_slice_and_cond(reference):
+    part = reference.slice(3, 9)
+    assert isinstance(part, GTCache) and len(part) == 6 and part.start == 3
+    assert torch.equal(part.samples, reference.samples[3:9]) and torch.equal(
+        part.cond()["labels"], reference.labels[3:9]
+    )
+    assert part.nfe == reference.nfe[0:3]  # pairs 3..8 come from shards 0, 1, 2
+    assert part.slice(1, 2).nfe == reference.nfe[1:2] and part.slice(1, 2).start == 4
+    assert len(reference.slice(10, 100)) == 2 and reference.slice(5, 5).nfe == []
+    assert torch.equal(reference.cond(2, 4)["labels"], reference.labels[2:4])
+
+
+def test_unconditional_float32_model(flow, tmp_path):
+    """No labels; noise stored in the model's dtype (float64 draw rounded), samples float32, solve from that noise."""
+    plain = bespoke.Flow(
+        lambda t, x: flow(t, x.double()).to(x.dtype), sample_shape=(2,), fingerprint="plain", dtype=torch.float32
+    )
+    cache = generate_gt(plain, tmp_path, num=3, shard_size=3, quiet=True)
+    assert cache.labels is None and cache.cond() == {} and cache.manifest["labels"] is False
+    assert cache.noise.dtype == cache.samples.dtype == torch.float32
+    assert torch.equal(cache.noise, draw_noise((2,), 3, seed=0, dtype=F64).float())
+    assert torch.equal(cache.samples, bespoke.ground_truth(plain, cache.noise).samples.float())
+    assert same(load_gt(tmp_path, plain), cache)
+
+
+def test_prefix_property_and_extension(flow, reference, tmp_path):
+    """Same seed and shard size: a 2-shard cache is the first 2 shards of a 3-shard one; asking for more extends it."""
+    small = generate_gt(flow, tmp_path, num=2 * SIZE, shard_size=SIZE, seed=5, quiet=True)
+    assert len(small) == 2 * SIZE and same(small, reference.slice(0, 2 * SIZE))
+    before = snapshot(tmp_path)
+    grown = generate_gt(flow, tmp_path, num=9, shard_size=SIZE, seed=5, quiet=True)
+    assert same(grown, reference)
+    after = snapshot(tmp_path)
+    assert all(after[f"shard-0000{k}.safetensors"] == before[f"shard-0000{k}.safetensors"] for k in (0, 1))
+    assert grown.manifest["num"] == 9 and grown.manifest["complete"]
+    # asking for fewer than it holds changes nothing and returns everything
+    assert same(generate_gt(flow, tmp_path, num=1, shard_size=SIZE, seed=5, quiet=True), reference)
+
+
+def test_kill_and_resume_match_an_uninterrupted_run(flow, reference, tmp_path):
+    part = generate_gt(flow, tmp_path, num=10, shard_size=SIZE, seed=5, quiet=True, max_shards=1)
+    assert len(part) == SIZE and not part.manifest["complete"] and part.manifest["stored"] == SIZE
+    assert not load_gt(tmp_path).manifest["complete"] and same(load_gt(tmp_path), part)  # a partial cache loads
+    assert same(generate_gt(flow, tmp_path, num=10, shard_size=SIZE, seed=5, quiet=True), reference)
+    # killed after writing shard 2 but before the manifest listed it: the shard is made again
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    edit_manifest(tmp_path, shards=m["shards"][:2])
+    assert len(load_gt(tmp_path)) == 2 * SIZE
+    (tmp_path / "shard-00002.safetensors").write_bytes(b"half-written")
+    assert same(generate_gt(flow, tmp_path, num=10, shard_size=SIZE, seed=5, quiet=True), reference)
+    assert same(load_gt(tmp_path, flow), reference)
+
+
+def test_generation_regenerates_a_damaged_shard(flow, reference, tmp_path):
+    generate_gt(flow, tmp_path, num=10, shard_size=SIZE, seed=5, quiet=True)
+    shard = tmp_path / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.warns(UserWarning, match="shard-00001.safetensors is missing or damaged; regenerating"):
+        assert same(generate_gt(flow, tmp_path, num=10, shard_size=SIZE, seed=5, quiet=True), reference)
+
+
+def _flip_byte(path):
+    shard = path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    shard = path / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+DAMAGE = {
+    "flipped byte": (_flip_byte, r"shard-00001.safetensors is corrupt or truncated.*delete it and re-run"),
+    "truncated": (_truncate, r"shard-00002.safetensors is corrupt or truncated.*regenerate it"),
+    "missing shard": (lambda p: (p / "shard-00000.safetensors").unlink(), r"shard-00000.safetensors is missing"),
+    "missing manifest": (lambda p: (p / "manifest.json").unlink(), r"not a GT cache.*bespoke gt --model SPEC"),
+    "garbage manifest": (lambda p: (p / "manifest.json").write_text("{not json"), r"not a GT cache.*cannot be read"),
+    "foreign manifest": (lambda p: edit_manifest(p, format="other"), r"not a GT cache.*not a 'bespoke-gt' manifest"),
+    "unknown version": (lambda p: edit_manifest(p, version=7), r"manifest version 7.*knows version 1"),
+    "bad shard list": (lambda p: edit_manifest(p, shard_size=3), r"manifest.json is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cache_is_refused_and_left_alone(flow, tmp_path, damage):
+    generate_gt(flow, tmp_path, num=3 * SIZE, shard_size=SIZE, quiet=True)
+    spoil, message = DAMAGE[damage]
+    spoil(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(BespokeError, match=message) as err:
+        load_gt(tmp_path, flow)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(BespokeError, match="not a GT cache.*bespoke gt"):
+        load_gt(tmp_path / "nothing")
+
+
+def test_cache_of_another_model_is_refused_unless_forced(flow, reference):
+    cosine = bespoke.load_model("zoo:gmm2d", path="cosine")
+    guided = bespoke.load_model("zoo:gmm2d", guidance=1.0)
+    assert cosine.fingerprint != flow.fingerprint and guided.fingerprint == flow.fingerprint
+    before = snapshot(reference.path)
+    with pytest.raises(BespokeError, match=f"fingerprint {flow.fingerprint}.*not {cosine.fingerprint}.*force=True"):
+        load_gt(reference.path, cosine)
+    with pytest.raises(BespokeError, match="guidance None, not {'weight': 1.0"):
+        load_gt(reference.path, guided)
+    with pytest.warns(UserWarning, match="another model.*force=True"):
+        assert same(load_gt(reference.path, cosine, force=True), reference)
+    assert snapshot(reference.path) == before
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"seed": 6}, "seed=5"), ({"rtol": 1e-6}, "rtol=1e-05"), ({"shard_size": 2}, "shard_size=4"), ({}, "guidance")],
+)
+def test_resume_with_other_settings_is_refused(flow, reference, change, field):
+    args = {"num": 10, "shard_size": SIZE, "seed": 5, "quiet": True} | change
+    other = flow if change else bespoke.load_model("zoo:gmm2d", guidance=1.0)
+    before = snapshot(reference.path)
+    with pytest.raises(BespokeError, match=f"other settings: {field}.*another --out directory or the same settings"):
+        generate_gt(other, reference.path, **args)
+    assert snapshot(reference.path) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num": 0}, "num must be an integer >= 1"),
+        ({"num": 2.5}, "num must be"),
+        ({"shard_size": 0}, "shard_size must be"),
+        ({"max_shards": -1}, "max_shards must be"),
+        ({"rtol": 0.0}, "rtol must be a positive number"),
+        ({"seed": "1"}, "seed must be an integer"),
+    ],
+)
+def test_bad_arguments(flow, tmp_path, kwargs, message):
+    with pytest.raises(BespokeError, match=message):
+        generate_gt(flow, tmp_path / "out", **({"num": 4, "quiet": True} | kwargs))
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BespokeError, match="not a directory"):
+        generate_gt(flow, tmp_path / "file", num=4, quiet=True)
