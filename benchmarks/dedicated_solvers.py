@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from common import write_section  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.solvers import SOLVER_NAMES, largest_valid_nfe  # noqa: E402
@@ -87,20 +87,6 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(doc: Path, body: str) -> None:
-    begin, end = f"<!-- BEGIN {MARK} -->", f"<!-- END {MARK} -->"
-    block = f"{begin}\n{body}\n{end}"
-    intro = "# Benchmarks\n\nEvery figure here comes from a run of the script named in its section.\n"
-    text = doc.read_text() if doc.exists() else intro
-    if begin in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = doc.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=2000)
@@ -148,7 +134,7 @@ def main(argv=None) -> int:
     plot(condot_rows, img)
     lines += ["", f"![PSNR vs NFE, dedicated solvers on zoo:gmm2d]({img.relative_to(args.out.parent).as_posix()})"]
     lines += ["", f"Total wall time of the run: {time.perf_counter() - started:.1f} s."]
-    write_section(args.out, "\n".join(lines))
+    write_section(args.out, MARK, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -150,6 +150,13 @@ def test_a_run_that_only_gets_worse_returns_its_initialiser(flow, pairs, noise):
         assert torch.equal(s.sample(flow, noise), bespoke.solver("euler", 4).to_ns(flow).sample(flow, noise))
 
 
+def test_early_stopping_ends_adam_after_patience_validations_without_progress(flow, pairs):
+    train, val = pairs
+    cfg = FitConfig(iterations=200, lr=5.0, val_every=10, patience=2)
+    ts = train_bns(flow, train, val, 4, init="euler", config=cfg, quiet=True).training_summary
+    assert ts["stopped_early"] and ts["iterations"] == 20 and [h[0] for h in ts["history"]] == [0, 10, 20]
+
+
 class Killed(Exception):
     pass
 
@@ -197,6 +204,37 @@ def test_a_killed_training_resumes_to_the_same_result(flow, pairs, tmp_path):
     for (k, p), q in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), k
     assert resumed.training_summary["history"] == ref.training_summary["history"]
+
+
+def test_lbfgs_polish_improves_on_adam_and_resumes_exactly(flow, pairs, tmp_path):
+    """Phase 2 (L-BFGS on the whole training set) starts from Adam's best and a kill inside it resumes exactly."""
+    train, val = pairs
+    adam_only = FitConfig(iterations=40, batch_size=32, lr=5e-3, val_every=20)
+    polished = FitConfig(iterations=40, batch_size=32, lr=5e-3, val_every=20, polish_steps=4, polish_evals=5)
+    a = train_bns(flow, train, val, 4, init="euler", config=adam_only, quiet=True).training_summary
+    ref = train_bns(flow, train, val, 4, init="euler", config=polished, checkpoint=tmp_path / "a.ckpt", quiet=True)
+    p = ref.training_summary
+    assert p["history"][: len(a["history"])] == a["history"]  # the same Adam phase
+    assert p["val_psnr"] > a["val_psnr"] + 0.5 and p["best_iteration"] > 40
+    ckpt = tmp_path / "b.ckpt"
+    # rollouts of 4 NFE: 1 + 40 + 2 validations in phase 1, then the first L-BFGS step and its validation
+    # (2 training-set chunks of 4 NFE per evaluation); die during the second L-BFGS step
+    evals_before = 4 * (1 + 40 + 2)
+    with pytest.raises(Killed):
+        train_bns(
+            killing_flow(flow, evals_before + 4 * 64),
+            train,
+            val,
+            4,
+            init="euler",
+            config=polished,
+            checkpoint=ckpt,
+            quiet=True,
+        )
+    assert torch.load(ckpt, weights_only=True)["step"] > 40  # it died inside phase 2
+    resumed = train_bns(flow, train, val, 4, init="euler", config=polished, checkpoint=ckpt, quiet=True)
+    for (k, v), w in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 def test_a_checkpoint_of_another_run_is_refused(flow, pairs, tmp_path):
@@ -318,3 +356,50 @@ def test_saving_an_invalid_solver_leaves_the_existing_file_alone(flow, trained, 
     with pytest.raises(BespokeError, match="NaN"):
         save_solvers(path, trained, flow)
     assert _digest(path) == before and not list(tmp_path.glob("*.tmp"))
+
+
+# --- the CLI treats a solver file like a built-in solver -------------------------------------------
+
+
+def test_eval_cli_scores_a_solver_file_like_the_python_api(flow, trained, tmp_path, capsys):
+    import json
+
+    from bespoke import cli
+    from bespoke.noise import draw_labels
+
+    path = tmp_path / "bns.safetensors"
+    save_solvers(path, trained, flow)
+    out = tmp_path / "eval.json"
+    argv = [
+        "eval",
+        "--model",
+        "zoo:gmm2d",
+        "--solvers",
+        f"euler,{path}",
+        "--nfe",
+        "4,6,8",
+        "--num",
+        "64",
+        "--labels",
+        "random",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    assert str(path) in table and "the NFEs in the file: 4, 8" in table  # NFE 6 is not in the file
+    rows = {(r["solver"], r["nfe"]): r for r in json.loads(out.read_text())["results"]}
+    noise = bespoke.draw_noise((2,), 64, 0, dtype=F64)
+    labels = draw_labels(64, flow.num_classes, 0)
+    gt = bespoke.ground_truth(flow, noise, labels=labels)
+    for nfe in (4, 8):
+        with torch.no_grad():
+            want = bespoke.psnr(trained[nfe].sample(flow, noise, labels=labels), gt)
+        assert rows[str(path), nfe]["psnr_db"] == pytest.approx(want, abs=1e-9)
+    # a file made for another model: exit 2 with one line, unless --force
+    argv[2] = "zoo:gmm2d"
+    rc = cli.main(argv + ["--path", "cosine"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fingerprint" in err and err.count("\n") == 1
+    assert cli.main(argv + ["--path", "cosine", "--force"]) == 0

@@ -5,6 +5,10 @@ s = bespoke.solver("dpm++2m", nfe=8)
 x = s.sample(flow, noise)
 gt = bespoke.ground_truth(flow, noise)
 bespoke.psnr(x, gt.samples)
+
+pairs = bespoke.generate_gt(flow, "gt-dir", num=1032)           # cached dopri5 pairs
+bns = bespoke.train_bns(flow, pairs.slice(512), pairs.slice(0, 512), nfe=8)
+bespoke.save_solvers("bns.safetensors", [bns], flow)
 """
 
 from . import paths
@@ -15,6 +19,11 @@ from .metrics import EvalResult, evaluate, psnr, rmse
 from .noise import draw_noise
 from .solvers import SOLVER_NAMES, NSSolver, Solver, solver
 from .solvers.adaptive import GroundTruth, ground_truth
+from .solvers.bns import BNSSolver
+from .solvers.files import load_solver, load_solvers, save_solvers
+from .train import GTCache, generate_gt, load_gt
+from .train.bns import train_bns
+from .train.loop import FitConfig
 from .zoo import load_model
 
 __version__ = "0.1.0"
@@ -39,5 +48,14 @@ __all__ = [
     "draw_noise",
     "fd_digits",
     "class_accuracy",
+    "BNSSolver",
+    "train_bns",
+    "FitConfig",
+    "generate_gt",
+    "load_gt",
+    "GTCache",
+    "save_solvers",
+    "load_solver",
+    "load_solvers",
     "__version__",
 ]

@@ -27,6 +27,7 @@ from bespoke.flows import GUIDANCE_CONVENTIONS
 from bespoke.noise import draw_labels, draw_noise
 from bespoke.paths import SCHEDULERS
 from bespoke.solvers import METHODS, largest_valid_nfe
+from bespoke.solvers.files import load_solver, load_solvers
 
 __all__ = ["main", "build_parser"]
 
@@ -123,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--solvers",
         required=True,
         metavar="all|A,B,...",
-        help=f"'all' or comma-separated names from: {', '.join(bespoke.SOLVER_NAMES)}",
+        help=f"'all' or comma-separated names from: {', '.join(bespoke.SOLVER_NAMES)}, or solver files (*.safetensors)",
     )
+    ev.add_argument("--force", action="store_true", help="use solver files made for another model anyway")
     ev.add_argument("--nfe", required=True, type=_int_list, metavar="N,N,...", help="NFE values, e.g. 4,8,16")
     ev.add_argument("--num", type=_positive_int, default=1000, help="number of samples (default 1000)")
     ev.add_argument("--seed", type=_int, default=0, help="noise seed (default 0)")
@@ -174,18 +176,29 @@ def _device(name: str) -> str:
     return name
 
 
+def _is_solver_file(name: str) -> bool:
+    return name.endswith(".safetensors") or os.path.isfile(name)
+
+
 def _solver_names(text: str) -> list[str]:
+    """Built-in names ('all' = every one) and solver files, in order, without repeats."""
     if text.strip() == "all":
         return list(bespoke.SOLVER_NAMES)
     names = []
     for name in (n.strip() for n in text.split(",")):
-        if name not in bespoke.SOLVER_NAMES:
+        if name not in bespoke.SOLVER_NAMES and not _is_solver_file(name):
             raise BespokeError(
-                f"unknown solver {name!r} in --solvers; valid names: {', '.join(bespoke.SOLVER_NAMES)} (or 'all')"
+                f"unknown solver {name!r} in --solvers; valid names: {', '.join(bespoke.SOLVER_NAMES)} "
+                "(or 'all'), or a solver file (*.safetensors) made by `bespoke train`"
             )
         if name not in names:
             names.append(name)
     return names
+
+
+def _file_nfes(names: list[str], flow, force: bool) -> dict[str, list[int]]:
+    """The NFEs each solver file holds, after checking the file is valid and made for this model."""
+    return {n: sorted(load_solvers(n, flow=flow, force=force)) for n in names if n not in bespoke.SOLVER_NAMES}
 
 
 def _check_writable(path: str) -> None:
@@ -252,15 +265,19 @@ class _Cell:
     error: str | None = None
 
 
-def _nfe_rule(name: str) -> str:
+def _nfe_rule(name: str, files: dict | None = None) -> str:
     method = METHODS.get(name)
-    return method.nfe_rule() if method is not None else "other NFE"
+    if method is not None:
+        return method.nfe_rule()
+    if files and name in files:
+        return f"the NFEs in the file: {', '.join(map(str, files[name]))}"
+    return "other NFE"
 
 
 # --- output ---------------------------------------------------------------------------------------
 
 
-def _table(cells: list[_Cell], names: list[str], nfes: list[int], header: str, data_range: float) -> str:
+def _table(cells: list[_Cell], names: list[str], nfes: list[int], header: str, data_range: float, files=None) -> str:
     by = {(c.solver, c.requested): c for c in cells}
 
     def text(c: _Cell) -> str:
@@ -283,11 +300,11 @@ def _table(cells: list[_Cell], names: list[str], nfes: list[int], header: str, d
         moved = [c for c in mine if c.run_at is not None and c.run_at != c.requested]
         if moved:
             pairs = ", ".join(f"{c.run_at} for {c.requested}" for c in moved)
-            notes.append(f"* {name} ran at NFE {pairs}: it takes {_nfe_rule(name)}")
+            notes.append(f"* {name} ran at NFE {pairs}: it takes {_nfe_rule(name, files)}")
         missing = [c for c in mine if c.run_at is None]
         if missing:
             asked = ", ".join(str(c.requested) for c in missing)
-            notes.append(f"- {name} at NFE {asked}: no valid NFE at or below; it takes {_nfe_rule(name)}")
+            notes.append(f"- {name} at NFE {asked}: no valid NFE at or below; it takes {_nfe_rule(name, files)}")
         for c in mine:
             if c.error is not None:
                 notes.append(f"err {name} at NFE {c.requested}: {c.error}")
@@ -320,7 +337,14 @@ def cmd_eval(args) -> int:
     cond = {k: v.to(device) for k, v in cond.items()}
     noise = draw_noise(flow.sample_shape, args.num, args.seed, dtype=torch.float64, device=device)
 
-    cells = [_Cell(name, n, largest_valid_nfe(name, n)) for name in names for n in args.nfe]
+    files = _file_nfes(names, flow, args.force)
+
+    def run_at(name: str, n: int) -> int | None:
+        if name in files:
+            return n if n in files[name] else None
+        return largest_valid_nfe(name, n)
+
+    cells = [_Cell(name, n, run_at(name, n)) for name in names for n in args.nfe]
 
     def say(msg):
         if not args.quiet:
@@ -339,7 +363,8 @@ def cmd_eval(args) -> int:
         for name, nfe in bar:
             bar.set_postfix_str(f"{name} NFE {nfe}", refresh=False)
             try:
-                done[name, nfe] = bespoke.evaluate(bespoke.solver(name, nfe=nfe), flow, noise, gt.samples, **cond)
+                s = load_solver(name, nfe, flow=flow, force=args.force) if name in files else bespoke.solver(name, nfe)
+                done[name, nfe] = bespoke.evaluate(s, flow, noise, gt.samples, name=name, **cond)
             except BespokeError as e:  # this solver cannot run on this model: report it in its cell
                 done[name, nfe] = " ".join(str(e).split())
     for c in cells:
@@ -358,7 +383,7 @@ def cmd_eval(args) -> int:
     if labels_text is not None:
         parts.append(f"labels {labels_text}")
     parts.append(f"ground truth: dopri5 rtol={args.rtol:g} atol={args.atol:g}, {gt.nfe} NFE per sample")
-    print(_table(cells, names, args.nfe, " | ".join(parts), flow.data_range), flush=True)
+    print(_table(cells, names, args.nfe, " | ".join(parts), flow.data_range, files), flush=True)
 
     if args.json is not None:
         settings = dict(gt.settings())
@@ -377,7 +402,7 @@ def cmd_eval(args) -> int:
         )
         results = [dict(c.result.as_dict(), requested_nfe=c.requested) for c in cells if c.result is not None]
         skipped = [
-            {"solver": c.solver, "requested_nfe": c.requested, "reason": f"it takes {_nfe_rule(c.solver)}"}
+            {"solver": c.solver, "requested_nfe": c.requested, "reason": f"it takes {_nfe_rule(c.solver, files)}"}
             for c in cells
             if c.run_at is None
         ]

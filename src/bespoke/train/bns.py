@@ -102,11 +102,22 @@ def train_bns(
     module, init_scores = _initial_solver(flow, val, nfe, init, sigma0)
     module.model_fingerprint = flow.fingerprint
 
-    def loss_fn(m, it):
-        idx = batch_indices(len(train), config.batch_size, config.seed, it)
+    def log_mse(m, idx):  # Eq. 13: per-sample log-MSE against the ground truth, summed
         x = m.sample(flow, train.noise[idx], checkpoint=grad_checkpoint, **_cond(train, idx))
         err = (x - train.samples[idx].to(x.dtype)).flatten(1).pow(2).mean(1)
-        return torch.log(err.clamp(min=1e-30)).mean()  # Eq. 13: mean per-sample log-MSE
+        return torch.log(err.clamp(min=1e-30)).sum()
+
+    def loss_fn(m, it):  # phase 1: the mean over a mini-batch
+        idx = batch_indices(len(train), config.batch_size, config.seed, it)
+        return log_mse(m, idx) / len(idx)
+
+    def full_loss_fn(m):  # phase 2: the mean over all training pairs, back-propagated chunk by chunk
+        total = 0.0
+        for idx in torch.arange(len(train)).split(config.batch_size):
+            loss = log_mse(m, idx) / len(train)
+            loss.backward()
+            total += loss.item()
+        return torch.tensor(total, dtype=torch.float64)
 
     signature = {
         "kind": "bns",
@@ -122,6 +133,7 @@ def train_bns(
         loss_fn,
         lambda m: solver_psnr(m, flow, val),
         config,
+        full_loss_fn=full_loss_fn,
         checkpoint=checkpoint,
         signature=signature,
         desc=f"bns nfe={nfe}",

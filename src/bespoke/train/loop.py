@@ -28,20 +28,28 @@ __all__ = ["FitConfig", "FitResult", "fit", "batch_indices"]
 
 @dataclass
 class FitConfig:
-    iterations: int = 600
+    iterations: int = 300
     batch_size: int = 40
     lr: float = 5e-3
     final_lr_ratio: float = 0.02  # cosine decay from lr to lr * final_lr_ratio
     warmup: int = 10
     val_every: int = 50
-    patience: int = 0  # stop after this many validations without improvement (0 = never)
+    patience: int = 0  # stop Adam after this many validations without improvement (0 = never)
     seed: int = 0
+    polish_steps: int = 0  # then L-BFGS steps on the whole training set ...
+    polish_evals: int = 5  # ... of at most this many loss evaluations each
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "val_every"):
+        for name, low in (
+            ("iterations", 0),
+            ("batch_size", 1),
+            ("val_every", 1),
+            ("polish_steps", 0),
+            ("polish_evals", 1),
+        ):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise BespokeError(f"{name} must be an integer >= 1, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise BespokeError(f"{name} must be an integer >= {low}, got {v!r}")
         if not (self.lr > 0 and 0 < self.final_lr_ratio <= 1):
             raise BespokeError(f"lr must be > 0 and final_lr_ratio in (0, 1]; got {self.lr}, {self.final_lr_ratio}")
 
@@ -103,90 +111,133 @@ def fit(
     val_fn,
     config: FitConfig,
     *,
+    full_loss_fn=None,
     checkpoint: str | os.PathLike | None = None,
     signature: dict | None = None,
     desc: str = "train",
     quiet: bool = False,
 ) -> FitResult:
     """Train `module` in place; on return it holds the best-validation parameters (the initial ones
-    if nothing beat them, so the result is never worse than the start on the validation set)."""
+    if nothing beat them, so the result is never worse than the start on the validation set).
+
+    Phase 1: `config.iterations` Adam steps on `loss_fn(module, it)` (a mini-batch loss tensor).
+    Phase 2: `config.polish_steps` L-BFGS steps from the best parameters of phase 1 on
+    `full_loss_fn(module)`, which computes the whole-training-set loss, back-propagates it itself and
+    returns it: with a few hundred parameters, quasi-Newton steps on the full objective go where Adam's
+    noisy mini-batch steps cannot (zoo:gmm2d, NFE 8: 58.9 -> 66.4 dB after 1,200 Adam steps had levelled off).
+    """
     signature = {**(signature or {}), "config": asdict(config)}
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr)
+    adam = torch.optim.Adam(params, lr=config.lr)
+    lbfgs = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=config.polish_evals, history_size=20, line_search_fn="strong_wolfe"
+    )
+    if config.polish_steps and full_loss_fn is None:
+        raise BespokeError("polish_steps > 0 needs full_loss_fn (the whole-training-set loss)")
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    start, seconds_before = 0, 0.0
+    total = config.iterations + config.polish_steps
     if ckpt is not None and ckpt.exists():
-        state = _load_checkpoint(ckpt, signature)
-        module.load_state_dict(state["module"])
-        opt.load_state_dict(state["optimizer"])
-        start, seconds_before = int(state["iteration"]), float(state["seconds"])
-        best_state, best_val, best_it = state["best"], float(state["best_val"]), int(state["best_iteration"])
-        initial_val, history, bad = float(state["initial_val"]), [tuple(h) for h in state["history"]], int(state["bad"])
+        st = _load_checkpoint(ckpt, signature)
+        module.load_state_dict(st["module"])
+        adam.load_state_dict(st["adam"])
+        if st["lbfgs"]:
+            lbfgs.load_state_dict(st["lbfgs"])
+        run = {k: st[k] for k in _RUN_KEYS}
+        run["history"] = [tuple(h) for h in run["history"]]
     else:
-        initial_val = best_val = float(val_fn(module))
-        best_state, best_it, history, bad = _copy(module), 0, [(0, initial_val)], 0
-    t0 = time.perf_counter()
-    stopped_early = config.patience > 0 and bad >= config.patience  # a resumed run that had already stopped
+        v = float(val_fn(module))
+        run = {
+            "step": 0,
+            "seconds": 0.0,
+            "best": _copy(module),
+            "best_val": v,
+            "best_iteration": 0,
+            "initial_val": v,
+            "history": [(0, v)],
+            "bad": 0,
+            "stopped_early": False,
+        }
+    t0, seconds_before = time.perf_counter(), run["seconds"]
     bar = tqdm(
-        range(start, start if stopped_early else config.iterations),
-        desc=desc,
-        initial=start,
-        total=config.iterations,
-        disable=quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        leave=False,
+        total=total, initial=run["step"], desc=desc, disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=False
     )
-    it = start
-    for it in bar:
-        for group in opt.param_groups:
-            group["lr"] = config.learning_rate(it)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module, it)
-        if not torch.isfinite(loss):
-            raise BespokeError(f"the training loss became {loss.item()} at iteration {it}; lower the learning rate")
-        loss.backward()
-        opt.step()
-        done = it + 1
-        if done % config.val_every == 0 or done == config.iterations:
-            val = float(val_fn(module))
-            history.append((done, val))
-            if val > best_val:
-                best_val, best_state, best_it, bad = val, _copy(module), done, 0
+
+    def validate(done: int, loss: float) -> None:
+        val = float(val_fn(module))
+        run["history"].append((done, val))
+        if val > run["best_val"]:
+            run.update(best=_copy(module), best_val=val, best_iteration=done, bad=0)
+        else:
+            run["bad"] += 1
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.2f}", best=f"{run['best_val']:.2f}")
+        if done <= config.iterations:  # patience stops phase 1 only
+            run["stopped_early"] = config.patience > 0 and run["bad"] >= config.patience
+        run.update(step=done, seconds=seconds_before + time.perf_counter() - t0)
+        if ckpt is not None:
+            _save_checkpoint(
+                ckpt,
+                {
+                    "signature": signature,
+                    "module": module.state_dict(),
+                    "adam": adam.state_dict(),
+                    "lbfgs": lbfgs.state_dict() if done > config.iterations else {},
+                    **run,
+                },
+            )
+
+    while run["step"] < total:
+        it = run["step"]
+        if it < config.iterations and not run["stopped_early"]:  # phase 1: Adam on mini-batches
+            for group in adam.param_groups:
+                group["lr"] = config.learning_rate(it)
+            adam.zero_grad(set_to_none=True)
+            loss = loss_fn(module, it)
+            _check_finite(loss, it)
+            loss.backward()
+            adam.step()
+            done = it + 1
+            bar.update(1)
+            if done % config.val_every == 0 or done == config.iterations:
+                validate(done, loss.item())
             else:
-                bad += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.2f}", best=f"{best_val:.2f}")
-            stopped_early = config.patience > 0 and bad >= config.patience
-            if ckpt is not None:
-                _save_checkpoint(
-                    ckpt,
-                    {
-                        "signature": signature,
-                        "module": module.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "iteration": done,
-                        "seconds": seconds_before + time.perf_counter() - t0,
-                        "best": best_state,
-                        "best_val": best_val,
-                        "best_iteration": best_it,
-                        "initial_val": initial_val,
-                        "history": [list(h) for h in history],
-                        "bad": bad,
-                    },
-                )
-            if stopped_early:
+                run["step"] = done
+            continue
+        if it < config.iterations:  # stopped early: go on to phase 2 from here
+            bar.update(config.iterations - it)
+            run["step"] = it = config.iterations
+            if not config.polish_steps:
                 break
+        if it == config.iterations:  # phase 2 starts from the best parameters so far
+            module.load_state_dict(run["best"])
+
+        def closure(it=it):
+            lbfgs.zero_grad(set_to_none=True)
+            loss = full_loss_fn(module)
+            _check_finite(loss, it)
+            return loss
+
+        loss = lbfgs.step(closure)
+        bar.update(1)
+        validate(it + 1, float(loss))
     bar.close()
-    module.load_state_dict(best_state)
+    module.load_state_dict(run["best"])
     return FitResult(
-        best_val=best_val,
-        best_iteration=best_it,
-        initial_val=initial_val,
-        iterations=history[-1][0] if history else start,
+        best_val=run["best_val"],
+        best_iteration=run["best_iteration"],
+        initial_val=run["initial_val"],
+        iterations=run["history"][-1][0],  # the last step taken (fewer than planned if stopped early)
         seconds=seconds_before + time.perf_counter() - t0,
-        stopped_early=stopped_early,
-        history=history,
+        stopped_early=run["stopped_early"],
+        history=run["history"],
     )
+
+
+_RUN_KEYS = ("step", "seconds", "best", "best_val", "best_iteration", "initial_val", "history", "bad", "stopped_early")
+
+
+def _check_finite(loss: torch.Tensor, it: int) -> None:
+    if not torch.isfinite(loss):
+        raise BespokeError(f"the training loss became {loss.item()} at iteration {it}; lower the learning rate")
 
 
 def _copy(module: torch.nn.Module) -> dict:
