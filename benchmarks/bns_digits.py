@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=520)
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--lr", type=float, default=FitConfig.lr)
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--polish-steps", type=int, default=FitConfig.polish_steps)
     ap.add_argument("--polish-evals", type=int, default=FitConfig.polish_evals)

@@ -3,6 +3,7 @@
 Everything runs on the exact Gaussian-mixture flow zoo:gmm2d (closed-form velocity), in float64.
 """
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -140,20 +141,39 @@ def test_training_improves_validation_psnr_and_reports_it(flow, pairs):
     assert solver_psnr(s, flow, val) == pytest.approx(ts["val_psnr"], abs=1e-4)  # the best checkpoint is what it holds
 
 
+def mismatched(pairs):
+    """The same pairs with each noise paired with another's ground truth: training on them cannot help."""
+    return dataclasses.replace(pairs, samples=pairs.samples.roll(1, 0))
+
+
 def test_a_run_that_only_gets_worse_returns_its_initialiser(flow, pairs, noise):
-    """Never a final solver worse than the start: with an absurd learning rate the initial parameters win."""
+    """Never a final solver worse than the start: trained on mismatched pairs, only the start is any good."""
     train, val = pairs
-    s = train_bns(flow, train, val, 4, init="euler", config=FitConfig(iterations=20, lr=5.0, val_every=10), quiet=True)
+    wrong = mismatched(train)
+    s = train_bns(flow, wrong, val, 4, init="euler", config=FitConfig(iterations=20, val_every=10), quiet=True)
     ts = s.training_summary
     assert ts["val_psnr"] == ts["val_psnr_init"] and ts["best_iteration"] == 0
+    assert min(v for _, v in ts["history"][1:]) < ts["val_psnr_init"]
     with torch.no_grad():
         assert torch.equal(s.sample(flow, noise), bespoke.solver("euler", 4).to_ns(flow).sample(flow, noise))
 
 
+def test_an_overshooting_adam_backtracks_to_its_best_with_half_the_rate(flow, pairs, tmp_path):
+    train, val = pairs
+    cfg = FitConfig(iterations=60, batch_size=32, lr=0.3, val_every=10, backtrack_db=1.0)
+    s = train_bns(flow, train, val, 8, init="midpoint", config=cfg, checkpoint=tmp_path / "c.ckpt", quiet=True)
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    hist = s.training_summary["history"]
+    drops = sum(v < max(u for _, u in hist[:k]) - 1.0 for k, (_, v) in enumerate(hist) if k)
+    assert drops >= 1 and state["lr_factor"] == 0.5**drops
+    assert s.training_summary["val_psnr"] >= s.training_summary["val_psnr_init"]
+
+
 def test_early_stopping_ends_adam_after_patience_validations_without_progress(flow, pairs):
     train, val = pairs
-    cfg = FitConfig(iterations=200, lr=5.0, val_every=10, patience=2)
-    ts = train_bns(flow, train, val, 4, init="euler", config=cfg, quiet=True).training_summary
+    wrong = mismatched(train)
+    cfg = FitConfig(iterations=200, val_every=10, patience=2)
+    ts = train_bns(flow, wrong, val, 4, init="euler", config=cfg, quiet=True).training_summary
     assert ts["stopped_early"] and ts["iterations"] == 20 and [h[0] for h in ts["history"]] == [0, 10, 20]
 
 

@@ -192,7 +192,7 @@ class BNSSolver(nn.Module, Solver):
         flow.check_noise(noise)
         self.check_model(flow)
         times, a, b = self.coefficients()
-        frame = preconditioned_frame(flow.scheduler, self.sigma0, times)
+        frame = preconditioned_frame(flow.scheduler, self.sigma0, times.cpu())  # path math on the CPU, in float64
         a, b = a.to(noise.device, noise.dtype), b.to(noise.device, noise.dtype)
         if frame is not None:  # the times stay float64 for the flow; the coefficients take the state's dtype
             cast = lambda v: v.to(noise.device, noise.dtype)

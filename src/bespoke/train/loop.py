@@ -30,12 +30,13 @@ __all__ = ["FitConfig", "FitResult", "fit", "batch_indices"]
 class FitConfig:
     iterations: int = 300
     batch_size: int = 40
-    lr: float = 5e-3
+    lr: float = 1e-2
     final_lr_ratio: float = 0.02  # cosine decay from lr to lr * final_lr_ratio
     warmup: int = 10
     val_every: int = 50
     patience: int = 0  # stop Adam after this many validations without improvement (0 = never)
     seed: int = 0
+    backtrack_db: float = 1.0  # a validation this far below the best: back to the best, halve the lr (0 = off)
     polish_steps: int = 0  # then L-BFGS steps on the whole training set ...
     polish_evals: int = 5  # ... of at most this many loss evaluations each
 
@@ -156,6 +157,7 @@ def fit(
             "history": [(0, v)],
             "bad": 0,
             "stopped_early": False,
+            "lr_factor": 1.0,
         }
     t0, seconds_before = time.perf_counter(), run["seconds"]
     bar = tqdm(
@@ -169,6 +171,12 @@ def fit(
             run.update(best=_copy(module), best_val=val, best_iteration=done, bad=0)
         else:
             run["bad"] += 1
+        if config.backtrack_db > 0 and done <= config.iterations and val < run["best_val"] - config.backtrack_db:
+            # Adam overshot (its steps are ~lr whatever the gradient, too large near a sharp optimum):
+            # go back to the best parameters with fresh moments and half the learning rate
+            module.load_state_dict(run["best"])
+            adam.state.clear()
+            run["lr_factor"] *= 0.5
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.2f}", best=f"{run['best_val']:.2f}")
         if done <= config.iterations:  # patience stops phase 1 only
             run["stopped_early"] = config.patience > 0 and run["bad"] >= config.patience
@@ -189,7 +197,7 @@ def fit(
         it = run["step"]
         if it < config.iterations and not run["stopped_early"]:  # phase 1: Adam on mini-batches
             for group in adam.param_groups:
-                group["lr"] = config.learning_rate(it)
+                group["lr"] = config.learning_rate(it) * run["lr_factor"]
             adam.zero_grad(set_to_none=True)
             loss = loss_fn(module, it)
             _check_finite(loss, it)
@@ -232,7 +240,18 @@ def fit(
     )
 
 
-_RUN_KEYS = ("step", "seconds", "best", "best_val", "best_iteration", "initial_val", "history", "bad", "stopped_early")
+_RUN_KEYS = (
+    "step",
+    "seconds",
+    "best",
+    "best_val",
+    "best_iteration",
+    "initial_val",
+    "history",
+    "bad",
+    "stopped_early",
+    "lr_factor",
+)
 
 
 def _check_finite(loss: torch.Tensor, it: int) -> None:
