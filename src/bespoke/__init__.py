@@ -12,6 +12,7 @@ bespoke.save_solvers("bns.safetensors", [bns], flow)
 """
 
 from . import paths
+from ._version import __version__
 from .errors import BespokeError
 from .fd import class_accuracy, fd_digits
 from .flows import Flow, Guidance, from_network
@@ -25,8 +26,6 @@ from .train import GTCache, generate_gt, load_gt
 from .train.bns import train_bns
 from .train.loop import FitConfig
 from .zoo import load_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BespokeError",

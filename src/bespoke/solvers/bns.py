@@ -129,9 +129,7 @@ class BNSSolver(nn.Module, Solver):
         """The solver whose raw parameters are `state` (shapes as `state_shapes`, already checked)."""
         if torch.any(torch.triu(state["b"], diagonal=1) != 0):
             raise BespokeError("b is not lower triangular")
-        inc = torch.exp(state["log_dt"])
-        t0, t1 = state["t_ends"]
-        times = torch.cat([t0[None], t0 + (t1 - t0) * torch.cumsum(inc, 0)[:-1] / inc.sum(), t1[None]])
+        times = _times(state["log_dt"], state["t_ends"])
         solver = cls(
             times,
             state["a"],
@@ -164,11 +162,7 @@ class BNSSolver(nn.Module, Solver):
         return (n - 1) + n + n * (n + 1) // 2
 
     def times(self) -> torch.Tensor:
-        """t_0..t_n from the positive increments, ends pinned exactly."""
-        inc = torch.exp(self.log_dt)
-        frac = torch.cumsum(inc, 0)[:-1] / inc.sum()
-        t0, t1 = self.t_ends[0], self.t_ends[1]
-        return torch.cat([t0[None], t0 + (t1 - t0) * frac, t1[None]])
+        return _times(self.log_dt, self.t_ends)
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.times(), self.a, self.b * self.mask
@@ -223,6 +217,14 @@ class BNSSolver(nn.Module, Solver):
             if not torch.isfinite(p).all():
                 raise BespokeError(f"the BNS solver's {name} contains NaN or inf")
         validate_times(self.times().tolist())
+
+
+def _times(log_dt: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
+    """t_0..t_n from the positive increments exp(log_dt), ends pinned exactly (normalised cumulative sums)."""
+    inc = torch.exp(log_dt)
+    frac = torch.cumsum(inc, 0)[:-1] / inc.sum()
+    t0, t1 = t_ends[0], t_ends[1]
+    return torch.cat([t0[None], t0 + (t1 - t0) * frac, t1[None]])
 
 
 def _preconditioned(flow, sigma0: float) -> Preconditioned:

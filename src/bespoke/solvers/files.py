@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
 from ..errors import BespokeError
 from ..io import load_tensors, save_tensors
 from .bns import BNSSolver
@@ -22,12 +23,6 @@ FORMAT = "bespoke-solver"
 VERSION = 1
 KINDS = {BNSSolver.kind: BNSSolver}
 _FIX = "train a new one with `bespoke train ... --out FILE`"
-
-
-def _library_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def model_record(flow) -> dict:
@@ -56,7 +51,7 @@ def save_solvers(path, solvers, flow) -> None:
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "library_version": _library_version(),
+        "library_version": __version__,
         "model": model_record(flow),
         "solvers": entries,
     }
@@ -75,7 +70,7 @@ def _read(path) -> tuple[dict, dict]:
         raise BespokeError(f"{path} is not a bespoke solver file (format {meta.get('format')!r}); {_FIX}")
     if meta.get("version") != VERSION:
         raise BespokeError(
-            f"{path} has solver-file version {meta.get('version')!r}, but this bespoke ({_library_version()}) reads "
+            f"{path} has solver-file version {meta.get('version')!r}, but this bespoke ({__version__}) reads "
             f"version {VERSION}; upgrade bespoke-solvers or re-train the solver"
         )
     if not isinstance(meta.get("model"), dict):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
 from ..errors import BespokeError
 from ..io import load_tensors, save_tensors
 from ..noise import draw_labels, draw_noise
@@ -118,18 +119,6 @@ def _storage_dtypes(flow) -> tuple[torch.dtype, torch.dtype]:
     return noise, samples
 
 
-def _library_version() -> str:
-    version = getattr(sys.modules.get("bespoke"), "__version__", None)
-    if version is None:
-        try:
-            from importlib.metadata import version as dist_version
-
-            version = dist_version("bespoke-solvers")
-        except Exception:
-            version = "unknown"
-    return str(version)
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -207,7 +196,7 @@ def _read_manifest(out: Path) -> dict:
     if manifest.get("version") != VERSION:
         raise BespokeError(
             f"{out} is a GT cache of manifest version {manifest.get('version')!r}, which bespoke "
-            f"{_library_version()} cannot read (it knows version {VERSION}); regenerate it into a new "
+            f"{__version__} cannot read (it knows version {VERSION}); regenerate it into a new "
             "directory with `bespoke gt` or use the bespoke version that made it"
         )
     need = ("sample_shape", "dtype", "samples_dtype", "labels", "seed", "shard_size", "num", "rtol", "atol", "shards")
@@ -392,7 +381,7 @@ def generate_gt(
     else:
         manifest = {"format": FORMAT, "version": VERSION, **settings, "num": num, "shards": []}
         manifest["created"] = _now()
-    manifest["library_version"] = _library_version()
+    manifest["library_version"] = __version__
 
     shards = manifest["shards"]
     wanted = max(math.ceil(num / shard_size), len(shards))
