@@ -29,12 +29,14 @@ import torch  # noqa: E402
 from common import machine, write_section  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
+from bespoke.errors import NonFiniteVelocity  # noqa: E402
 from bespoke.fd import fd_digits  # noqa: E402
 from bespoke.solvers import SOLVER_NAMES, largest_valid_nfe  # noqa: E402
 from bespoke.solvers.files import load_solvers, save_solvers  # noqa: E402
 from bespoke.train import generate_gt  # noqa: E402
-from bespoke.train.bns import solver_psnr, train_bns  # noqa: E402
+from bespoke.train.bns import train_bns  # noqa: E402
 from bespoke.train.loop import FitConfig  # noqa: E402
+from bespoke.train.pairs import solver_psnr  # noqa: E402
 
 MARK = "bns_digits"
 
@@ -60,7 +62,7 @@ def dedicated(flow, val, nfes) -> dict:
             s = bespoke.solver(name, nfe=n)
             try:
                 score = solver_psnr(s, flow, val)
-            except bespoke.BespokeError:  # e.g. a solver that evaluates at t = 1, where VP paths are singular
+            except NonFiniteVelocity:  # e.g. a solver that evaluates at t = 1, where VP paths are singular
                 score = float("nan")
             table[name][nfe] = {"psnr": score, "nfe": n, "grid": s.grid_name}
     return table
@@ -119,7 +121,7 @@ def run_model(name: str, args) -> dict:
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, done)
-    return res
+    return json.loads(done.read_text())  # str keys, as when cached
 
 
 def table(res: dict, nfes) -> list[str]:
@@ -132,6 +134,9 @@ def table(res: dict, nfes) -> list[str]:
         row = []
         for n in nfes:
             c = cells[str(n)]
+            if c["psnr"] != c["psnr"]:  # NaN: the solver cannot run on this model
+                row.append("n/a†")
+                continue
             txt = f"{c['psnr']:.2f}" + ("*" if c["nfe"] != n else "")
             row.append(f"*{txt}*" if c["psnr"] == best[n] else txt)
         lines.append(f"| {k} | {cells[str(nfes[0])]['grid']} | " + " | ".join(row) + " |")
@@ -161,9 +166,10 @@ def plot(results: list[dict], nfes, path: Path) -> None:
         ax.set_ylim(bottom=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"PSNR vs ground truth [dB] ({results[0]['val']} validation pairs)")
-    axes[0][-1].legend(fontsize=8, ncol=2, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, ncol=len(labels), loc="lower center", frameon=False)
     fig.suptitle("BNS vs dedicated solvers (recommended grids), same noise and dopri5 ground truth")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
         f"pairs ({args.iterations} Adam iterations of batch {args.batch_size}, lr {args.lr} with cosine decay, "
         "full back-propagation through the steps), initialised from the best dedicated solver on the validation "
         "pairs, best validation checkpoint kept. Dedicated solvers on their recommended grids; `*` = ran at the "
-        "largest NFE it takes below the column's; *italic* = best dedicated solver in the column.",
+        "largest NFE it takes below the column's; *italic* = best dedicated solver in the column; † = cannot "
+        "run on this model (Heun and RK4 evaluate at t = 1, where the VP path is singular).",
     ]
     for res in results:
         lines += ["", f"### `zoo:{res['model']}`", ""] + table(res, args.nfe)

@@ -5,6 +5,7 @@ Everything runs on the exact Gaussian-mixture flow zoo:gmm2d (closed-form veloci
 
 import dataclasses
 import hashlib
+import math
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from bespoke.paths import Preconditioned
 from bespoke.solvers.bns import BNSSolver
 from bespoke.solvers.files import load_solver, load_solvers, read_metadata, save_solvers
 from bespoke.train import generate_gt
-from bespoke.train.bns import init_candidates, solver_psnr, train_bns
+from bespoke.train.bns import init_candidates, select_init, train_bns
 from bespoke.train.loop import FitConfig
+from bespoke.train.pairs import solver_psnr
+from helpers import Killed, killing_flow
 
 F64 = torch.float64
 
@@ -141,6 +144,26 @@ def test_training_improves_validation_psnr_and_reports_it(flow, pairs):
     assert solver_psnr(s, flow, val) == pytest.approx(ts["val_psnr"], abs=1e-4)  # the best checkpoint is what it holds
 
 
+def test_initial_solvers_that_cannot_run_on_the_flow_are_passed_over(flow, pairs):
+    """A VP-type model is singular at the data end: Heun and RK4 evaluate there, so automatic
+    initialisation must score them NaN and pick among the others, not fail."""
+    _, val = pairs
+
+    def singular_at_data_end(t, x, **cond):
+        u = flow(t, x, **cond)
+        return torch.where((t >= 1.0)[:, None], torch.full_like(u, float("nan")), u)
+
+    vp_like = bespoke.Flow(
+        singular_at_data_end, scheduler=flow.scheduler, sample_shape=(2,), name="vp-like", cond_keys=("labels",)
+    )
+    s, scores = select_init(vp_like, val, 4)
+    assert math.isnan(scores["heun"]) and math.isnan(scores["rk4"])
+    finite = {k: v for k, v in scores.items() if not math.isnan(v)}
+    assert len(finite) >= 4 and s.init.split("[")[0] == max(finite, key=finite.get)
+    with pytest.raises(BespokeError, match="heun.*data end.*choose --init explicitly"):
+        select_init(vp_like, val, 4, candidates=["heun"])
+
+
 def mismatched(pairs):
     """The same pairs with each noise paired with another's ground truth: training on them cannot help."""
     return dataclasses.replace(pairs, samples=pairs.samples.roll(1, 0))
@@ -175,31 +198,6 @@ def test_early_stopping_ends_adam_after_patience_validations_without_progress(fl
     cfg = FitConfig(iterations=200, val_every=10, patience=2)
     ts = train_bns(flow, wrong, val, 4, init="euler", config=cfg, quiet=True).training_summary
     assert ts["stopped_early"] and ts["iterations"] == 20 and [h[0] for h in ts["history"]] == [0, 10, 20]
-
-
-class Killed(Exception):
-    pass
-
-
-def killing_flow(flow, after: int):
-    """The same flow, but the process "dies" at its `after`-th evaluation."""
-    calls = {"n": 0}
-
-    def velocity(t, x, **cond):
-        calls["n"] += 1
-        if calls["n"] == after:
-            raise Killed
-        return flow._velocity(t, x, **cond)
-
-    return bespoke.Flow(
-        velocity,
-        scheduler=flow.scheduler,
-        sample_shape=flow.sample_shape,
-        cond_keys=flow.cond_keys,
-        name=flow.name,
-        fingerprint=flow.fingerprint,
-        num_classes=flow.num_classes,
-    )
 
 
 def test_a_killed_training_resumes_to_the_same_result(flow, pairs, tmp_path):

@@ -241,3 +241,46 @@ def test_bad_arguments(flow, tmp_path, kwargs, message):
     (tmp_path / "file").write_text("x")
     with pytest.raises(BespokeError, match="not a directory"):
         generate_gt(flow, tmp_path / "file", num=4, quiet=True)
+
+
+# --- dense trajectories (Bespoke training) --------------------------------------------------------
+
+
+def test_dense_trajectories_are_the_solution_and_velocity_at_their_times(flow, reference, tmp_path):
+    dense = generate_gt(flow, tmp_path / "dense", num=10, shard_size=SIZE, seed=5, trajectory=9, quiet=True)
+    assert dense.manifest["trajectory"] == 9 and dense.manifest["ode_end"] == 1.0
+    assert dense.trajectory_states.shape == (12, 9, 2) == dense.trajectory_velocities.shape
+    times = dense.trajectory_times
+    assert times[0] == 0 and times[-1] == 1 and torch.all(torch.diff(times) > 0)
+    assert torch.all(torch.diff(times)[1:] < torch.diff(times)[:-1])  # denser towards the data
+    assert torch.equal(dense.noise, reference.noise) and torch.equal(dense.trajectory_states[:, 0], dense.noise)
+    assert (dense.trajectory_states[:, -1] - dense.samples).abs().max() <= 1e-12
+    labels = dense.labels.repeat_interleave(9)
+    u = flow(times.repeat(12), dense.trajectory_states.flatten(0, 1), labels=labels).reshape(12, 9, 2)
+    assert (u - dense.trajectory_velocities).abs().max() <= 1e-12
+    assert (dense.samples - reference.samples).abs().max() <= 1e-4  # same pairs, within the dopri5 tolerance
+    part = dense.slice(4, 8)
+    assert torch.equal(part.trajectory_states, dense.trajectory_states[4:8])
+    assert torch.equal(load_gt(tmp_path / "dense", flow).trajectory_velocities, dense.trajectory_velocities)
+
+
+def test_dense_trajectories_are_a_setting_a_resumed_cache_must_keep(flow, reference, tmp_path):
+    with pytest.raises(BespokeError, match="trajectory=0"):
+        generate_gt(flow, reference.path, num=10, shard_size=SIZE, seed=5, trajectory=9, quiet=True)
+    with pytest.raises(BespokeError, match="at least 2"):
+        generate_gt(flow, tmp_path / "x", num=4, shard_size=SIZE, trajectory=1, quiet=True)
+
+
+def test_the_slope_at_a_singular_data_end_closes_the_last_interval_as_a_quadratic(flow, tmp_path):
+    def singular(t, x, **cond):
+        u = flow(t, x, **cond)
+        return torch.where((t >= 1.0)[:, None], torch.full_like(u, float("nan")), u)
+
+    vp_like = bespoke.Flow(
+        singular, scheduler=flow.scheduler, sample_shape=(2,), cond_keys=("labels",), num_classes=3, name="vp-like"
+    )
+    with pytest.warns(UserWarning, match="fingerprint"):
+        dense = generate_gt(vp_like, tmp_path / "d", num=4, shard_size=SIZE, trajectory=5, quiet=True)
+    x, v, t = dense.trajectory_states, dense.trajectory_velocities, dense.trajectory_times
+    assert torch.isfinite(v).all()
+    assert torch.allclose(v[:, -1], 2 * (x[:, -1] - x[:, -2]) / (t[-1] - t[-2]) - v[:, -2], atol=1e-12)

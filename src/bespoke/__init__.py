@@ -9,11 +9,14 @@ bespoke.psnr(x, gt.samples)
 pairs = bespoke.generate_gt(flow, "gt-dir", num=1032)           # cached dopri5 pairs
 bns = bespoke.train_bns(flow, pairs.slice(512), pairs.slice(0, 512), nfe=8)
 bespoke.save_solvers("bns.safetensors", [bns], flow)
+
+traj = bespoke.generate_gt(flow, "traj-dir", num=1024, seed=1, trajectory=65)  # dense trajectories
+rk2 = bespoke.train_bespoke(flow, traj, pairs.slice(0, 512), nfe=8, order=2)    # RK2-Bespoke
 """
 
 from . import paths
 from ._version import __version__
-from .errors import BespokeError
+from .errors import BespokeError, NonFiniteVelocity
 from .fd import class_accuracy, fd_digits
 from .flows import Flow, Guidance, from_network
 from .metrics import EvalResult, evaluate, psnr, rmse
@@ -22,13 +25,16 @@ from .solvers import SOLVER_NAMES, NSSolver, Solver, solver
 from .solvers.adaptive import GroundTruth, ground_truth
 from .solvers.bns import BNSSolver
 from .solvers.files import load_solver, load_solvers, save_solvers
+from .solvers.scale_time import BespokeSolver
 from .train import GTCache, generate_gt, load_gt
+from .train.bespoke import train_bespoke
 from .train.bns import train_bns
 from .train.loop import FitConfig
 from .zoo import load_model
 
 __all__ = [
     "BespokeError",
+    "NonFiniteVelocity",
     "Flow",
     "Guidance",
     "from_network",
@@ -49,6 +55,8 @@ __all__ = [
     "class_accuracy",
     "BNSSolver",
     "train_bns",
+    "BespokeSolver",
+    "train_bespoke",
     "FitConfig",
     "generate_gt",
     "load_gt",

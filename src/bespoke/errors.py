@@ -3,3 +3,7 @@
 
 class BespokeError(ValueError):
     """Bad input (unknown name, wrong shape, unsupported NFE, corrupt file, ...)."""
+
+
+class NonFiniteVelocity(BespokeError):
+    """The model returned NaN/inf: at a time where its path is singular, or from bad inputs."""

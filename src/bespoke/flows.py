@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import BespokeError
+from .errors import BespokeError, NonFiniteVelocity
 from .paths import Scheduler, VPDiscrete
 
 __all__ = [
@@ -277,7 +277,7 @@ class Flow:
                 )
             else:
                 why = "check the model and its inputs (dtype, scale of the noise)"
-            raise BespokeError(f"{self.name} returned a non-finite velocity at t = {tt:.6g}: {why}")
+            raise NonFiniteVelocity(f"{self.name} returned a non-finite velocity at t = {tt:.6g}: {why}")
         return u
 
     @contextmanager

@@ -427,18 +427,22 @@ class ScaleTime:
     ds: torch.Tensor  # d s_r / dr
 
 
-def scale_time(source: Scheduler, target: Scheduler, r) -> ScaleTime:
+def scale_time(source: Scheduler, target: Scheduler, r, *, clamp: bool = False) -> ScaleTime:
     """The ST map that turns trajectories of `source` into trajectories of `target` (Thm 2.3).
 
     t_r = rho^{-1}(rho_bar(r)),  s_r = sigma_bar_r / sigma_{t_r} (= alpha_bar_r / alpha_{t_r}),
     t'_r = rho_bar'(r) / rho'(t_r) = D_bar_r / (D_{t_r} s_r^2),
     s'_r = (sigma_{t_r} sigma_bar'_r - sigma_bar_r sigma'_{t_r} t'_r) / sigma_{t_r}^2.
     Each ratio is taken in the form that stays finite at the end it is used at.
+    clamp: where the target's log-SNR leaves the source's range, use the source's end (t_r = 0 or 1)
+    instead of raising (the values there are then those of the nearest map the source allows).
     """
     r = _f64(r)
     lam = target.log_snr(r)
     lo, hi = float(source.log_snr(0.0)), float(source.log_snr(1.0))
-    if torch.any((lam < lo) | (lam > hi)):
+    if clamp:
+        lam = lam.clamp(lo, hi)
+    elif torch.any((lam < lo) | (lam > hi)):
         raise BespokeError(
             f"{target!r} reaches log-SNRs outside [{lo:.4g}, {hi:.4g}], the range of {source!r}, so it is no "
             "scale-time transform of it there (Thm 2.3 needs the source to cover the target's SNRs)"

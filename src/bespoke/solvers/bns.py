@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import BespokeError
 from ..paths import Preconditioned, Scheduler, scale_time
-from .base import Solver, validate_times
+from .base import Dedicated, Solver
+from .learned import Learned, pinned_times
 from .nonstationary import NSSolver, Trace, run_ns
 
 __all__ = ["BNSSolver", "preconditioned_frame"]
@@ -46,7 +47,7 @@ def preconditioned_frame(scheduler: Scheduler | None, sigma0: float, r: torch.Te
         ) from None
 
 
-class BNSSolver(nn.Module, Solver):
+class BNSSolver(Learned):
     """A learnable n-step NS solver; `.sample(flow, noise, **cond)` like every solver, NFE = n."""
 
     kind = "bns"
@@ -63,16 +64,12 @@ class BNSSolver(nn.Module, Solver):
         model_fingerprint: str | None = None,
         force: bool = False,
     ):
-        nn.Module.__init__(self)
+        super().__init__(init=init, model_fingerprint=model_fingerprint, force=force)
         ns = NSSolver(times, a, b, start_scale=start_scale)  # validates shapes, triangularity, monotone times
         self.sigma0 = float(sigma0)
         if not self.sigma0 > 0:
             raise BespokeError(f"sigma0 must be > 0 (1 = no preconditioning), got {sigma0}")
         self.start_scale = float(start_scale)
-        self.init = init
-        self.model_fingerprint = model_fingerprint
-        self.force = force
-        self.training_summary: dict = {}
         self.register_buffer("t_ends", ns.times[[0, -1]].clone())
         self.register_buffer("mask", torch.tril(torch.ones_like(ns.b)))
         self.log_dt = nn.Parameter(torch.log(torch.diff(ns.times).clamp(min=_TINY)))
@@ -85,6 +82,11 @@ class BNSSolver(nn.Module, Solver):
         """A BNS solver equal to `solver` on `flow` (run in the preconditioned coordinates if sigma0 != 1)."""
         from ..flows import scale_time_flow
 
+        if sigma0 != 1.0 and not isinstance(solver, Dedicated):
+            raise BespokeError(
+                f"a preconditioned BNS solver (sigma0 = {sigma0:g}) starts from a built-in solver run in the "
+                f"preconditioned coordinates; start from {solver.name} with sigma0 = 1 instead"
+            )
         target = flow if sigma0 == 1.0 else scale_time_flow(flow, _preconditioned(flow, sigma0))
         ns = solver.to_ns(target)
         grid = getattr(solver, "grid_name", None)
@@ -101,7 +103,7 @@ class BNSSolver(nn.Module, Solver):
 
     # --- file state (solvers/files.py): the raw float64 parameters, so a loaded solver is bit-identical
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().to("cpu", torch.float64).clone() for k, v in self._state().items()}
+        state = super().state_tensors()
         state["b"] = state["b"] * self.mask.cpu()  # only the lower triangle is a parameter
         return state
 
@@ -129,7 +131,7 @@ class BNSSolver(nn.Module, Solver):
         """The solver whose raw parameters are `state` (shapes as `state_shapes`, already checked)."""
         if torch.any(torch.triu(state["b"], diagonal=1) != 0):
             raise BespokeError("b is not lower triangular")
-        times = _times(state["log_dt"], state["t_ends"])
+        times = pinned_times(state["log_dt"], state["t_ends"])
         solver = cls(
             times,
             state["a"],
@@ -139,9 +141,7 @@ class BNSSolver(nn.Module, Solver):
             init=str(entry.get("init", "custom")),
             model_fingerprint=model_fingerprint,
         )
-        with torch.no_grad():
-            for k, v in solver._state().items():
-                v.copy_(state[k])
+        solver.load_state(state)
         solver.training_summary = dict(entry.get("training") or {})
         solver.validate()
         return solver
@@ -162,7 +162,7 @@ class BNSSolver(nn.Module, Solver):
         return (n - 1) + n + n * (n + 1) // 2
 
     def times(self) -> torch.Tensor:
-        return _times(self.log_dt, self.t_ends)
+        return pinned_times(self.log_dt, self.t_ends)
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.times(), self.a, self.b * self.mask
@@ -172,14 +172,6 @@ class BNSSolver(nn.Module, Solver):
         return f"BNSSolver(nfe={self.nfe}, init={self.init!r}{pre})"
 
     # --- sampling -----------------------------------------------------------------------------
-    def check_model(self, flow) -> None:
-        mine, theirs = self.model_fingerprint, getattr(flow, "fingerprint", None)
-        if mine and theirs and mine != theirs and not self.force:
-            raise BespokeError(
-                f"this solver was trained for the model with fingerprint {mine[:16]}…, but {flow.name} has "
-                f"{theirs[:16]}…; train a solver for this model, or force it (force=True / --force)"
-            )
-
     def sample(self, flow, noise: torch.Tensor, *, checkpoint: bool = False, **cond) -> torch.Tensor:
         """Algorithm 1, differentiable in the parameters; checkpoint=True recomputes each network call
         in the backward pass instead of storing its activations (memory: the n velocities only)."""
@@ -210,21 +202,6 @@ class BNSSolver(nn.Module, Solver):
         trace = Trace()
         out = run_ns(trace, trace.x0, times.tolist(), a.tolist(), b, self.start_scale, _float_frame(frame))
         return trace.to_ns(out, float(frame.t[-1]), f"{self.name}[ns]")
-
-    def validate(self) -> None:
-        """Finite parameters and a monotone grid (checked before saving and after loading)."""
-        for name, p in (("log_dt", self.log_dt), ("a", self.a), ("b", self.b)):
-            if not torch.isfinite(p).all():
-                raise BespokeError(f"the BNS solver's {name} contains NaN or inf")
-        validate_times(self.times().tolist())
-
-
-def _times(log_dt: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
-    """t_0..t_n from the positive increments exp(log_dt), ends pinned exactly (normalised cumulative sums)."""
-    inc = torch.exp(log_dt)
-    frac = torch.cumsum(inc, 0)[:-1] / inc.sum()
-    t0, t1 = t_ends[0], t_ends[1]
-    return torch.cat([t0[None], t0 + (t1 - t0) * frac, t1[None]])
 
 
 def _preconditioned(flow, sigma0: float) -> Preconditioned:

@@ -16,12 +16,13 @@ from .._version import __version__
 from ..errors import BespokeError
 from ..io import load_tensors, save_tensors
 from .bns import BNSSolver
+from .scale_time import BespokeSolver
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "save_solvers", "load_solvers", "load_solver", "read_metadata", "model_record"]
 
 FORMAT = "bespoke-solver"
 VERSION = 1
-KINDS = {BNSSolver.kind: BNSSolver}
+KINDS = {"bns": BNSSolver, "bespoke-rk1": BespokeSolver, "bespoke-rk2": BespokeSolver}
 _FIX = "train a new one with `bespoke train ... --out FILE`"
 
 
@@ -43,7 +44,7 @@ def save_solvers(path, solvers, flow) -> None:
         raise BespokeError(f"a solver file holds one solver per NFE; got NFEs {sorted(nfes)}")
     tensors, entries = {}, {}
     for s in solvers:
-        if type(s).kind not in KINDS:
+        if getattr(s, "kind", None) not in KINDS:
             raise BespokeError(f"{type(s).__name__} is not a learned solver kind ({', '.join(KINDS)})")
         s.validate()
         tensors.update({f"nfe{s.nfe}.{k}": v for k, v in s.state_tensors().items()})

@@ -12,38 +12,13 @@ import dataclasses
 
 import torch
 
-from ..errors import BespokeError
-from ..metrics import psnr
-from ..solvers import METHODS, solver
+from ..errors import BespokeError, NonFiniteVelocity
+from ..solvers import METHODS, Solver, solver
 from ..solvers.bns import BNSSolver
 from .loop import FitConfig, batch_indices, fit
+from .pairs import capped_learning_rate, cond_of, solver_psnr, to_device, training_summary
 
-__all__ = ["train_bns", "init_candidates", "select_init", "solver_psnr"]
-
-
-def _cond(pairs, idx=None) -> dict:
-    if pairs.labels is None:
-        return {}
-    return {"labels": pairs.labels if idx is None else pairs.labels[idx]}
-
-
-def _to(pairs, device):
-    moved = {k: getattr(pairs, k).to(device) for k in ("noise", "samples")}
-    labels = pairs.labels.to(device) if pairs.labels is not None else None
-    return dataclasses.replace(pairs, labels=labels, **moved)
-
-
-def solver_psnr(s, flow, pairs, *, batch_size: int = 256, per_sample: bool = False):
-    """Mean per-sample PSNR of solver `s` against the pairs' ground truth (no gradients), or all of them."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            sl = slice(i, i + batch_size)
-            idx = torch.arange(i, min(i + batch_size, len(pairs)))
-            x = s.sample(flow, pairs.noise[sl], **_cond(pairs, idx))
-            out.append(psnr(x, pairs.samples[sl], flow.data_range, reduction="none"))
-    per = torch.cat(out)
-    return per if per_sample else float(per.mean())
+__all__ = ["train_bns", "init_candidates", "select_init"]
 
 
 def init_candidates(flow, nfe: int) -> list[str]:
@@ -59,38 +34,57 @@ def init_candidates(flow, nfe: int) -> list[str]:
 def select_init(flow, pairs, nfe: int, *, sigma0: float = 1.0, candidates=None, max_pairs: int = 256):
     """The candidate with the best PSNR on (the first `max_pairs` of) `pairs`, as a BNS solver.
 
-    Returns (solver, {name: psnr}); candidates are solver names (each on its recommended grid)."""
+    Returns (solver, {name: psnr}); candidates are solver names (each on its recommended grid). A
+    candidate that cannot run on this flow (e.g. Heun evaluating at the singular data end of a VP
+    path) scores NaN and is passed over; it is an error only if none can run."""
     candidates = list(candidates or init_candidates(flow, nfe))
     sub = pairs.slice(0, min(max_pairs, len(pairs)))
-    scores, best = {}, None
+    scores, best, failures = {}, None, []
     for name in candidates:
-        bns = BNSSolver.from_solver(solver(name, nfe), flow, sigma0=sigma0)
-        scores[name] = solver_psnr(bns, flow, sub)
+        try:
+            bns = BNSSolver.from_solver(solver(name, nfe), flow, sigma0=sigma0)
+            scores[name] = solver_psnr(bns, flow, sub)
+        except NonFiniteVelocity as e:
+            scores[name] = float("nan")
+            failures.append(f"{name}: {e}")
+            continue
         if best is None or scores[name] > scores[best[0]]:
             best = (name, bns)
     if best is None:
-        raise BespokeError(f"no built-in solver takes NFE {nfe} on {flow.name}; choose --init explicitly")
+        why = "; ".join(failures) if failures else f"no built-in solver takes NFE {nfe} on {flow.name}"
+        raise BespokeError(f"no initial solver can run: {why}; choose --init explicitly")
     return best[1], scores
 
 
 def _initial_solver(flow, val, nfe, init, sigma0):
+    """init: "auto", a built-in solver name, "KIND:FILE" (a learned solver from a solver file, e.g.
+    bespoke-rk2:solver.safetensors), a BNSSolver to continue from, or any other Solver (e.g. a BespokeSolver)."""
     if isinstance(init, BNSSolver):
         if init.nfe != nfe:
             raise BespokeError(f"the initial BNS solver has NFE {init.nfe}, not {nfe}")
         return init, {}
     if init in (None, "auto", "best"):
         return select_init(flow, val, nfe, sigma0=sigma0)
-    return BNSSolver.from_solver(solver(init, nfe), flow, sigma0=sigma0), {}
+    if isinstance(init, str) and ":" in init:
+        init = _learned_from_file(init, nfe, flow)
+    start = init if isinstance(init, Solver) else solver(init, nfe)
+    if start.nfe != nfe:
+        raise BespokeError(f"the initial solver {start.name} takes NFE {start.nfe}, not {nfe}")
+    return BNSSolver.from_solver(start, flow, sigma0=sigma0), {}
 
 
-def _learning_rate(lr: float, module: BNSSolver, flow, val) -> float:
-    """Adam moves every parameter by about lr per step whatever its gradient, so from an accurate start
-    a step must not move the output by more than the start's own error: lr <= 0.3 RMSE_0 (in units of
-    half the data range). Measured on zoo:gmm2d, NFE 16 from 64 dB: lr 1e-2 -> collapses to the start,
-    0.3 RMSE_0 (8e-4) -> 76.4 dB. Starts worse than ~45 dB keep the configured lr."""
-    per_sample = solver_psnr(module, flow, val.slice(0, min(len(val), 256)), per_sample=True)
-    rmse0 = float((flow.data_range * 10 ** (-per_sample / 20)).mean())
-    return min(lr, 0.3 * rmse0 / (flow.data_range / 2))
+def _learned_from_file(spec: str, nfe: int, flow):
+    from ..solvers.files import KINDS, load_solver
+
+    kind, path = spec.split(":", 1)
+    if kind not in KINDS:
+        raise BespokeError(
+            f"init {spec!r}: unknown solver kind {kind!r}; write KIND:FILE with KIND one of {', '.join(KINDS)}"
+        )
+    learned = load_solver(path, nfe, flow=flow)
+    if learned.kind != kind:
+        raise BespokeError(f"init {spec!r}: {path} holds a {learned.kind} solver at NFE {nfe}, not {kind}")
+    return learned
 
 
 def train_bns(
@@ -120,15 +114,15 @@ def train_bns(
     if len(train) == 0 or len(val) == 0:
         raise BespokeError("training needs at least one training and one validation pair")
     if device is not None:
-        train, val = _to(train, device), _to(val, device)
+        train, val = to_device(train, device), to_device(val, device)
     module, init_scores = _initial_solver(flow, val, nfe, init, sigma0)
-    config = dataclasses.replace(config, lr=_learning_rate(config.lr, module, flow, val))
+    config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
     if device is not None:
         module.to(device)
     module.model_fingerprint = flow.fingerprint
 
     def log_mse(m, idx):  # Eq. 13: per-sample log-MSE against the ground truth, summed
-        x = m.sample(flow, train.noise[idx], checkpoint=grad_checkpoint, **_cond(train, idx))
+        x = m.sample(flow, train.noise[idx], checkpoint=grad_checkpoint, **cond_of(train, idx))
         err = (x - train.samples[idx].to(x.dtype)).flatten(1).pow(2).mean(1)
         return torch.log(err.clamp(min=1e-30)).sum()
 
@@ -164,20 +158,14 @@ def train_bns(
         desc=f"bns nfe={nfe}",
         quiet=quiet,
     )
-    module.training_summary = {
-        "objective": "mean per-sample log-MSE (BNS Eq. 13)",
-        "init": module.init,
-        "init_candidates_psnr": {k: round(v, 4) for k, v in init_scores.items()},
-        "train_pairs": len(train),
-        "val_pairs": len(val),
-        "val_psnr_init": round(result.initial_val, 4),
-        "val_psnr": round(result.best_val, 4),
-        "best_iteration": result.best_iteration,
-        "iterations": result.iterations,
-        "stopped_early": result.stopped_early,
-        "seconds": round(result.seconds, 2),
-        "config": dict(vars(config)),  # lr as used: capped by the initial error (see _learning_rate)
-        "history": [[i, round(v, 4)] for i, v in result.history],
-        "grad_checkpoint": grad_checkpoint,
-    }
+    module.training_summary = training_summary(
+        "mean per-sample log-MSE (BNS Eq. 13)",
+        module.init,
+        init_scores,
+        train,
+        val,
+        result,
+        config,
+        grad_checkpoint=grad_checkpoint,
+    )
     return module

@@ -12,6 +12,11 @@ batch, so the batch is fixed to the shard). Shard k is `shard-0000k.safetensors`
 [k * shard_size, (k + 1) * shard_size); shards are always full, so a cache holds `num` rounded up
 to a multiple of `shard_size`. The manifest is rewritten (atomically) after every shard, with the
 SHA-256 of each shard file, so a killed run resumes where it stopped and a damaged shard is caught.
+
+Dense trajectories (`trajectory=K`, for Bespoke training, which needs ground truth at learned times):
+each pair also stores the dopri5 solution and the velocity at K times on [0, ode_end], so
+`trajectories.gt_at` interpolates the ground truth at any time (cubic Hermite, spec §2.6) with no
+solve. They cost K more NFE per shard (one batched call) and K times the storage of a sample.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..errors import BespokeError
+from ..errors import BespokeError, NonFiniteVelocity
 from ..io import load_tensors, save_tensors
 from ..noise import draw_labels, draw_noise
 
@@ -52,6 +57,7 @@ _RESUME_FIELDS = (
     "sample_shape",
     "scheduler",
     "num_classes",
+    "trajectory",
 )
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,6 +73,9 @@ class GTCache:
     labels:   (n,) int64 for class-conditional models, else None
     nfe:      dopri5 NFE of each shard the pairs come from
     start:    index of the first pair in the cache (0 unless this is a `slice`)
+    trajectory_times:      (K,) float64 times of the dense trajectories (None without them)
+    trajectory_states:     (n, K, *sample_shape) the solution at those times, in the samples' dtype
+    trajectory_velocities: (n, K, *sample_shape) the model's velocity there
     """
 
     path: Path
@@ -76,6 +85,9 @@ class GTCache:
     labels: torch.Tensor | None
     nfe: list[int]
     start: int = 0
+    trajectory_times: torch.Tensor | None = None
+    trajectory_states: torch.Tensor | None = None
+    trajectory_velocities: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -95,8 +107,17 @@ class GTCache:
         lo, hi = self.start + a, self.start + b
         nfe_all = [e["nfe"] for e in self.manifest["shards"]]
         nfe = nfe_all[lo // size : -(-hi // size)] if hi > lo else []
-        labels = None if self.labels is None else self.labels[a:b]
-        return replace(self, noise=self.noise[a:b], samples=self.samples[a:b], labels=labels, nfe=nfe, start=lo)
+        cut = lambda v: None if v is None else v[a:b]  # noqa: E731
+        return replace(
+            self,
+            noise=self.noise[a:b],
+            samples=self.samples[a:b],
+            labels=cut(self.labels),
+            nfe=nfe,
+            start=lo,
+            trajectory_states=cut(self.trajectory_states),
+            trajectory_velocities=cut(self.trajectory_velocities),
+        )
 
     def cond(self, start: int | None = 0, stop: int | None = None) -> dict:
         """The conditioning keywords for pairs start..stop-1: {"labels": ...} or {} (pass as **cond)."""
@@ -128,7 +149,7 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def _settings(flow, *, seed, shard_size, rtol, atol) -> dict:
+def _settings(flow, *, seed, shard_size, rtol, atol, trajectory=0) -> dict:
     if flow.sample_shape is None:
         raise BespokeError(f"{flow.name} does not declare its sample shape, so noise cannot be drawn for it")
     if flow.num_classes is not None and "labels" not in flow.cond_keys:
@@ -150,8 +171,21 @@ def _settings(flow, *, seed, shard_size, rtol, atol) -> dict:
             "atol": float(atol),
             "seed": seed,
             "shard_size": shard_size,
+            "trajectory": trajectory,
         }
     )
+
+
+def trajectory_times(manifest: dict, ode_end: float | None = None) -> torch.Tensor | None:
+    """The K times of a cache's dense trajectories (None if it has none): T_k = ode_end (1 - (1 - k/(K-1))^2),
+    denser towards the data end, where trajectories bend most (on zoo:gmm2d, K = 65: max interpolation
+    error 1e-5 / 3e-5 / 2e-5 for condot / cosine / vp-discrete, against 2e-5 / 2e-4 / 5e-4 uniform)."""
+    k = int(manifest.get("trajectory") or 0)
+    if k == 0:
+        return None
+    end = float(manifest["ode_end"] if ode_end is None else ode_end)
+    u = torch.linspace(0.0, 1.0, k, dtype=torch.float64)
+    return end * (1.0 - (1.0 - u) ** 2)
 
 
 def _shard_name(index: int) -> str:
@@ -203,6 +237,7 @@ def _read_manifest(out: Path) -> dict:
     missing = [k for k in need if k not in manifest]
     if missing:
         raise BespokeError(f"{path} is damaged (missing {', '.join(missing)}); regenerate the cache with `bespoke gt`")
+    manifest.setdefault("trajectory", 0)  # caches from before dense trajectories hold endpoints only
     size, shards, num = manifest["shard_size"], manifest["shards"], manifest["num"]
     ok = isinstance(size, int) and size >= 1 and isinstance(num, int) and num >= 1 and isinstance(shards, list)
     for k, entry in enumerate(shards if ok else []):
@@ -263,6 +298,9 @@ def _load_shard(out: Path, manifest: dict, k: int) -> tuple[dict, dict]:
     expect = {"noise": (shape, manifest["dtype"]), "samples": (shape, manifest["samples_dtype"])}
     if manifest["labels"]:
         expect["labels"] = ((size,), "int64")
+    if manifest.get("trajectory"):
+        dense = ((size, manifest["trajectory"], *manifest["sample_shape"]), manifest["samples_dtype"])
+        expect.update(trajectory_states=dense, trajectory_velocities=dense)
     bad = sorted(set(tensors) ^ set(expect)) + [
         f"{name} {tuple(tensors[name].shape)} {_dtype_name(tensors[name].dtype)}"
         for name, (want_shape, want_dtype) in expect.items()
@@ -290,6 +328,14 @@ def _load(out: Path, manifest: dict) -> GTCache:
         return torch.cat([p[name] for p in parts])
 
     labels = cat("labels", "int64", ()) if manifest["labels"] else None
+    dense = {}
+    if manifest.get("trajectory"):
+        tail = (manifest["trajectory"], *shape)
+        dense = {
+            "trajectory_times": trajectory_times(manifest),
+            "trajectory_states": cat("trajectory_states", manifest["samples_dtype"], tail),
+            "trajectory_velocities": cat("trajectory_velocities", manifest["samples_dtype"], tail),
+        }
     return GTCache(
         path=out,
         manifest=_finish(manifest),
@@ -297,6 +343,7 @@ def _load(out: Path, manifest: dict) -> GTCache:
         samples=cat("samples", manifest["samples_dtype"], shape),
         labels=labels,
         nfe=[int(e["nfe"]) for e in manifest["shards"]],
+        **dense,
     )
 
 
@@ -334,6 +381,7 @@ def generate_gt(
     device=None,
     quiet: bool = False,
     max_shards: int | None = None,
+    trajectory: int = 0,
 ) -> GTCache:
     """Make (or resume, or extend) the GT cache in `out_dir` with at least `num` pairs; return all it holds.
 
@@ -341,6 +389,8 @@ def generate_gt(
     settings (else an error names the difference); its intact shards are kept, missing or damaged ones are
     (re)generated. max_shards: stop after generating that many shards (a valid partial cache).
     device: where the solve runs (pairs are stored on the CPU). quiet: no progress bar.
+    trajectory: also store each solution and its velocity at this many times on [0, ode_end]
+    (>= 2; 0 = endpoints only), for training Bespoke solvers.
     """
     from tqdm import tqdm
 
@@ -352,10 +402,13 @@ def generate_gt(
         raise BespokeError(f"seed must be an integer, got {seed!r}")
     if max_shards is not None:
         _check_int("max_shards", max_shards, 0)
+    _check_int("trajectory", trajectory, 0)
+    if trajectory == 1:
+        raise BespokeError("trajectory needs at least 2 times (or 0 for endpoints only)")
     for name, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise BespokeError(f"{name} must be a positive number, got {value!r}")
-    settings = _settings(flow, seed=seed, shard_size=shard_size, rtol=rtol, atol=atol)
+    settings = _settings(flow, seed=seed, shard_size=shard_size, rtol=rtol, atol=atol, trajectory=trajectory)
     if flow.fingerprint is None:
         warnings.warn(
             f"{flow.name} has no fingerprint, so the cache cannot be checked against the model later",
@@ -380,6 +433,7 @@ def generate_gt(
         manifest["num"] = max(int(manifest["num"]), num)
     else:
         manifest = {"format": FORMAT, "version": VERSION, **settings, "num": num, "shards": []}
+        manifest["ode_end"] = flow.ode_end
         manifest["created"] = _now()
     manifest["library_version"] = __version__
 
@@ -418,16 +472,25 @@ def generate_gt(
             if settings["labels"]:
                 tensors["labels"] = draw_labels(shard_size, flow.num_classes, seed, start=start)
                 cond["labels"] = tensors["labels"].to(device or "cpu")
-            gt = ground_truth(flow, noise.to(device or "cpu"), rtol=float(rtol), atol=float(atol), **cond)
+            dense_times = trajectory_times(settings, flow.ode_end)
+            gt = ground_truth(
+                flow, noise.to(device or "cpu"), rtol=float(rtol), atol=float(atol), times=dense_times, **cond
+            )
             tensors["samples"] = gt.samples.to("cpu", samples_dtype)
+            nfe = gt.nfe
+            if dense_times is not None:
+                velocities = _velocities(flow, dense_times, gt.states, cond)
+                nfe += 1
+                tensors["trajectory_states"] = gt.states.transpose(0, 1).to("cpu", samples_dtype).contiguous()
+                tensors["trajectory_velocities"] = velocities.transpose(0, 1).to("cpu", samples_dtype).contiguous()
             seconds = round(time.perf_counter() - t0, 3)
             path = out / _shard_name(k)
-            meta = {"index": k, "start": start, "stop": stop, "nfe": gt.nfe, "seconds": seconds}
+            meta = {"index": k, "start": start, "stop": stop, "nfe": nfe, "seconds": seconds}
             try:
                 save_tensors(path, tensors, meta)
             except OSError as e:
                 raise BespokeError(f"cannot write {path}: {e.strerror or e}") from None
-            entry = {"file": path.name, "start": start, "stop": stop, "nfe": gt.nfe, "seconds": seconds}
+            entry = {"file": path.name, "start": start, "stop": stop, "nfe": nfe, "seconds": seconds}
             entry["sha256"] = _sha256(path)
             if k < len(shards):
                 shards[k] = entry
@@ -435,6 +498,27 @@ def generate_gt(
                 shards.append(entry)
             manifest["updated"] = _now()
             _write_manifest(out, _finish(manifest))
-            bar.set_postfix(nfe=gt.nfe)
+            bar.set_postfix(nfe=nfe)
             bar.update(1)
     return _load(out, _read_manifest(out))
+
+
+def _velocities(flow, times: torch.Tensor, states: torch.Tensor, cond: dict) -> torch.Tensor:
+    """u(t_k, x(t_k)) for the K dense times in one batched call, (K, B, ...). Where the model cannot be
+    evaluated at the last time (the singular data end of a continuous VP path), the slope there is the
+    one that makes the last interval's Hermite cubic a quadratic: 2 (x_K - x_{K-1}) / dt - u_{K-1}."""
+    k, b = states.shape[:2]
+    rows = {key: v.repeat(k) for key, v in cond.items()}
+    t = times.to(states.device).repeat_interleave(b)
+    try:
+        with torch.no_grad():
+            u = flow(t, states.flatten(0, 1), **rows)
+        return u.reshape(states.shape).to(torch.float64)
+    except NonFiniteVelocity:
+        rows = {key: v.repeat(k - 1) for key, v in cond.items()}
+        with torch.no_grad():
+            u = flow(t[: (k - 1) * b], states[:-1].flatten(0, 1), **rows).reshape(k - 1, *states.shape[1:])
+        u = u.to(torch.float64)
+        dt = float(times[-1] - times[-2])
+        last = 2.0 * (states[-1] - states[-2]) / dt - u[-1]
+        return torch.cat([u, last[None]])

@@ -1,0 +1,66 @@
+"""What every learned solver (BNS, Bespoke) shares: raw float64 parameters that a solver file stores
+bit for bit, a model fingerprint it checks before sampling, a training summary, and the monotone
+time parameterisation with pinned ends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import BespokeError
+from .base import Solver, validate_times
+
+__all__ = ["Learned", "pinned_times"]
+
+
+def pinned_times(log_inc: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
+    """t_0..t_m from m positive increments exp(log_inc), ends pinned exactly (normalised cumulative sums)."""
+    inc = torch.exp(log_inc)
+    frac = torch.cumsum(inc, 0)[:-1] / inc.sum()
+    t0, t1 = t_ends[0], t_ends[1]
+    return torch.cat([t0[None], t0 + (t1 - t0) * frac, t1[None]])
+
+
+class Learned(nn.Module, Solver):
+    """Base of the learned solver kinds. Subclasses define `kind`, `_state()` (name -> raw tensor),
+    `times()` (the evaluation grid) and the file hooks `state_shapes`, `from_state`, `file_entry`."""
+
+    kind: str
+
+    def __init__(self, *, init: str, model_fingerprint: str | None, force: bool):
+        nn.Module.__init__(self)
+        self.init = init
+        self.model_fingerprint = model_fingerprint
+        self.force = force
+        self.training_summary: dict = {}
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def times(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The raw parameters as CPU float64 copies (what a solver file stores)."""
+        return {k: v.detach().to("cpu", torch.float64).clone() for k, v in self._state().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self._state().items():
+                v.copy_(state[k])
+
+    def check_model(self, flow) -> None:
+        mine, theirs = self.model_fingerprint, getattr(flow, "fingerprint", None)
+        if mine and theirs and mine != theirs and not self.force:
+            raise BespokeError(
+                f"this solver was trained for the model with fingerprint {mine[:16]}…, but {flow.name} has "
+                f"{theirs[:16]}…; train a solver for this model, or force it (force=True / --force)"
+            )
+
+    def validate(self) -> None:
+        """Finite parameters and a monotone grid (checked before saving and after loading)."""
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                raise BespokeError(f"the {self.kind} solver's {name} contains NaN or inf")
+        validate_times(self.times().tolist())

@@ -1,0 +1,195 @@
+"""Training a Bespoke scale-time solver ([BES] §2.5-2.6, spec §2.5-2.6), step-parallel.
+
+Per iteration, on a mini-batch of ground-truth trajectories:
+    tau_k = stopgrad(t_k)                       the current times at the integer grid points
+    X_k, V_k = x(tau_k), u(tau_k, x(tau_k))     from the cached dense trajectories (gt="cached"), or a
+                                                dopri5 solve at tau (gt="resolve", the paper's way)
+    X_aux_k = X_k + V_k (t_k - tau_k)           Eq. 28: the value of the GT, the derivative of the GT in t_k
+    d_{i+1} = RMSE(X_aux_{i+1} - step_i(X_aux_i))   all n local errors in one batched pass
+    loss = mean_batch sum_i M_i d_{i+1}         RMSE-Bound (Eq. 26, L_tau = 1; gradients through M_i),
+                                                or M_i = 1 (LTE)
+or, with loss="rmse", the global RMSE of the whole sequential solve (back-propagated through all steps).
+Selection is on the validation PSNR of the full solver, through the shared loop (`loop.fit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import BespokeError
+from ..solvers.scale_time import INITS, STEPS, BespokeSolver, bound_weights
+from .loop import FitConfig, batch_indices, fit
+from .pairs import capped_learning_rate, cond_of, solver_psnr, to_device, training_summary
+from .trajectories import gt_at
+
+__all__ = ["train_bespoke", "LOSSES", "GT_SOURCES", "bespoke_loss"]
+
+LOSSES = ("bound", "lte", "rmse")
+GT_SOURCES = ("cached", "resolve")
+
+
+def _rmse(err: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square over all but the leading `err.dim() - len(sample_shape)` axes."""
+    return err.pow(2).mean(tuple(range(2, err.dim()))).sqrt()
+
+
+def _ground_truth_at(flow, pairs, idx, tau, source: str):
+    """(X, V): the GT states and velocities of pairs idx at times tau (m,), each (B, m, ...)."""
+    if source == "cached":
+        return gt_at(pairs, idx, tau)
+    from ..solvers.adaptive import ground_truth
+
+    cond = cond_of(pairs, idx)
+    rtol, atol = float(pairs.manifest["rtol"]), float(pairs.manifest["atol"])
+    tau = tau.detach().cpu().clamp(max=flow.ode_end)
+    states = ground_truth(flow, pairs.noise[idx], rtol=rtol, atol=atol, times=tau, **cond).states  # (m, B, ...)
+    m, b = states.shape[:2]
+    with torch.no_grad():
+        u = flow(tau.repeat_interleave(b), states.flatten(0, 1), **{k: v.repeat(m) for k, v in cond.items()})
+    return states.transpose(0, 1), u.reshape(states.shape).transpose(0, 1)
+
+
+def bespoke_loss(module: BespokeSolver, flow, pairs, idx, *, loss: str = "bound", gt: str = "cached"):
+    """The mini-batch loss of pairs idx (a scalar tensor, differentiable in the solver's parameters)."""
+    noise, cond = pairs.noise[idx], cond_of(pairs, idx)
+    if loss == "rmse":  # the global error of the sequential solve
+        x = module.sample(flow, noise, **cond)
+        return _rmse((x - pairs.samples[idx].to(x.dtype))[None]).mean()
+    v = module.transform()
+    n, order = module.steps, module.order
+    t = v.t[torch.arange(n + 1) * order]  # the integer grid points t_0 = 0, ..., t_n = 1
+    x, u = _ground_truth_at(flow, pairs, idx, t[1:-1].detach(), gt)
+    x, u = x.to(noise.dtype), u.to(noise.dtype)
+    inner = x + u * (t[1:-1] - t[1:-1].detach()).to(noise.dtype).reshape(1, -1, *[1] * (x.dim() - 2))  # Eq. 28
+    aux = torch.cat([noise[:, None], inner, pairs.samples[idx].to(noise.dtype)[:, None]], 1).transpose(0, 1)
+    b = noise.shape[0]
+    rows = {k: c.repeat(n) for k, c in cond.items()}
+
+    def ev(tt, xs):  # all n steps' states in one network call: (n,) times, (n, B, ...) states
+        return flow(tt.repeat_interleave(b), xs.flatten(0, 1), **rows).reshape(xs.shape)
+
+    start = aux[:-1]
+    pred = STEPS[order](ev, start, v.cast(start, stacked=True), torch.arange(n) * order, 1.0 / n)
+    d = _rmse(pred - aux[1:])  # (n, B): the local errors d_1..d_n
+    weights = bound_weights(module.lipschitz()).to(d.dtype) if loss == "bound" else torch.ones_like(d[:, 0])
+    return (weights[:, None] * d).sum(0).mean()
+
+
+def _initial_solver(flow, val, order, nfe, init):
+    if isinstance(init, BespokeSolver):
+        if (init.order, init.nfe) != (order, nfe):
+            raise BespokeError(f"the initial solver is RK{init.order} at NFE {init.nfe}, not RK{order} at NFE {nfe}")
+        return init, {}
+    if init == "identity":
+        return BespokeSolver.identity(order, nfe), {}
+    if init not in (None, "auto", "best"):
+        return BespokeSolver.from_path(flow, init, order, nfe), {}
+    candidates = {"identity": BespokeSolver.identity(order, nfe)}
+    if flow.scheduler is not None:
+        candidates.update(
+            {name: BespokeSolver.from_path(flow, name, order, nfe) for name in INITS[1:] if name != "ddim"}
+        )
+    sub = val.slice(0, min(256, len(val)))
+    scores = {}
+    for name, s in candidates.items():
+        try:
+            scores[name] = solver_psnr(s, flow, sub)
+        except BespokeError:  # e.g. a transform that evaluates where the model is singular
+            scores[name] = float("nan")
+    finite = {k: v for k, v in scores.items() if v == v}
+    if not finite:
+        raise BespokeError("no initial Bespoke transform can run on this model; choose init= explicitly")
+    return candidates[max(finite, key=finite.get)], scores
+
+
+def train_bespoke(
+    flow,
+    train,
+    val,
+    nfe: int,
+    *,
+    order: int = 2,
+    init="auto",
+    loss: str = "bound",
+    gt: str = "cached",
+    config: FitConfig | None = None,
+    checkpoint=None,
+    device=None,
+    quiet: bool = False,
+) -> BespokeSolver:
+    """An RK1/RK2-Bespoke solver for `flow` at `nfe`, trained on `train` and selected on `val` (PSNR).
+
+    train: a GT cache with dense trajectories (gt="cached"), or any GT pairs (gt="resolve": a dopri5 solve
+           at the current times every iteration, with the cache's tolerances; loss="rmse": endpoints only).
+    init:  "auto" (the best on val of the identity and the Thm 2.3 transforms onto condot, cosine, vp and
+           edm), "identity", one of those path names, a Scheduler, or a BespokeSolver.
+    loss:  "bound" (RMSE-Bound, the paper's default), "lte" (M_i = 1) or "rmse" (global, sequential).
+    """
+    if loss not in LOSSES:
+        raise BespokeError(f"unknown Bespoke loss {loss!r}; valid: {', '.join(LOSSES)}")
+    if gt not in GT_SOURCES:
+        raise BespokeError(f"unknown ground-truth source {gt!r}; valid: {', '.join(GT_SOURCES)}")
+    if loss != "rmse" and gt == "cached" and train.trajectory_states is None:
+        raise BespokeError(
+            f"{train.path} holds endpoints only; step-parallel Bespoke training needs ground truth at the learned "
+            "times: make the cache with trajectories (`generate_gt(..., trajectory=65)`, `bespoke gt --trajectory 65`) "
+            "or use gt='resolve'"
+        )
+    config = config or FitConfig()
+    if len(train) == 0 or len(val) == 0:
+        raise BespokeError("training needs at least one training and one validation pair")
+    if device is not None:
+        train, val = to_device(train, device), to_device(val, device)
+    module, init_scores = _initial_solver(flow, val, order, nfe, init)
+    config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
+    if device is not None:
+        module.to(device)
+    module.model_fingerprint = flow.fingerprint
+
+    def loss_fn(m, it):
+        idx = batch_indices(len(train), config.batch_size, config.seed, it)
+        return bespoke_loss(m, flow, train, idx, loss=loss, gt=gt)
+
+    def full_loss_fn(m):  # the whole training set, back-propagated chunk by chunk
+        total = 0.0
+        for idx in torch.arange(len(train)).split(config.batch_size):
+            part = bespoke_loss(m, flow, train, idx, loss=loss, gt=gt) * (len(idx) / len(train))
+            part.backward()
+            total += part.item()
+        return torch.tensor(total, dtype=torch.float64)
+
+    signature = {
+        "kind": module.kind,
+        "nfe": nfe,
+        "init": module.init,
+        "loss": loss,
+        "gt": gt,
+        "model": flow.fingerprint,
+        "train": len(train),
+        "val": len(val),
+    }
+    result = fit(
+        module,
+        loss_fn,
+        lambda m: solver_psnr(m, flow, val),
+        config,
+        full_loss_fn=full_loss_fn,
+        checkpoint=checkpoint,
+        signature=signature,
+        desc=f"{module.kind} nfe={nfe}",
+        quiet=quiet,
+    )
+    objective = {"bound": "RMSE-Bound (BES Eq. 26)", "lte": "sum of local errors", "rmse": "global RMSE"}[loss]
+    module.training_summary = training_summary(
+        objective,
+        module.init,
+        init_scores,
+        train,
+        val,
+        result,
+        config,
+        ground_truth=gt if loss != "rmse" else "endpoints",
+    )
+    return module
