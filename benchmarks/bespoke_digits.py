@@ -72,7 +72,7 @@ def run_model(name: str, args) -> dict:
         solvers = trained(out / f"bespoke-rk{order}.safetensors", flow, args.nfe, make)
         res[f"rk{order}"] = {n: {"psnr": solver_psnr(s, flow, val), **s.training_summary} for n, s in solvers.items()}
     rk2 = load_solvers(out / "bespoke-rk2.safetensors", flow=flow)
-    bns_config = FitConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, val_every=args.val_every)
+    bns_config = FitConfig(iterations=args.bns_iterations, batch_size=args.batch_size, lr=args.lr, val_every=50)
 
     def from_rk2(nfe):
         ckpt = out / f"bns-from-rk2-{nfe}.ckpt"
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=FitConfig.lr)
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--bns-nfe", type=int, default=8)
+    ap.add_argument("--bns-iterations", type=int, default=300, help="as in bns_digits.py, for a like-for-like BNS")
     ap.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--quiet", action="store_true")
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     cmd = (
         f"python benchmarks/bespoke_digits.py --models {args.models} --nfe {','.join(map(str, args.nfe))} "
         f"--trajectories {args.trajectories} --iterations {args.iterations} --batch-size {args.batch_size} "
-        f"--lr {args.lr} --bns-nfe {args.bns_nfe}"
+        f"--lr {args.lr} --bns-nfe {args.bns_nfe} --bns-iterations {args.bns_iterations}"
     )
     lines = [
         "## Bespoke scale-time solvers (RK1/RK2) vs BNS and the dedicated solvers on the digit models",

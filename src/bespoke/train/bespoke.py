@@ -14,14 +14,12 @@ Selection is on the validation PSNR of the full solver, through the shared loop 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..errors import BespokeError
 from ..solvers.scale_time import INITS, STEPS, BespokeSolver, bound_weights
-from .loop import FitConfig, batch_indices, fit
-from .pairs import capped_learning_rate, cond_of, solver_psnr, to_device, training_summary
+from .loop import FitConfig
+from .pairs import cond_of, fit_solver, solver_psnr, training_summary
 from .trajectories import gt_at
 
 __all__ = ["train_bespoke", "LOSSES", "GT_SOURCES", "bespoke_loss"]
@@ -137,48 +135,16 @@ def train_bespoke(
             "times: make the cache with trajectories (`generate_gt(..., trajectory=65)`, `bespoke gt --trajectory 65`) "
             "or use gt='resolve'"
         )
-    config = config or FitConfig()
-    if len(train) == 0 or len(val) == 0:
-        raise BespokeError("training needs at least one training and one validation pair")
-    if device is not None:
-        train, val = to_device(train, device), to_device(val, device)
-    module, init_scores = _initial_solver(flow, val, order, nfe, init)
-    config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
-    if device is not None:
-        module.to(device)
-    module.model_fingerprint = flow.fingerprint
-
-    def loss_fn(m, it):
-        idx = batch_indices(len(train), config.batch_size, config.seed, it)
-        return bespoke_loss(m, flow, train, idx, loss=loss, gt=gt)
-
-    def full_loss_fn(m):  # the whole training set, back-propagated chunk by chunk
-        total = 0.0
-        for idx in torch.arange(len(train)).split(config.batch_size):
-            part = bespoke_loss(m, flow, train, idx, loss=loss, gt=gt) * (len(idx) / len(train))
-            part.backward()
-            total += part.item()
-        return torch.tensor(total, dtype=torch.float64)
-
-    signature = {
-        "kind": module.kind,
-        "nfe": nfe,
-        "init": module.init,
-        "loss": loss,
-        "gt": gt,
-        "model": flow.fingerprint,
-        "train": len(train),
-        "val": len(val),
-    }
-    result = fit(
-        module,
-        loss_fn,
-        lambda m: solver_psnr(m, flow, val),
+    module, result, init_scores, config = fit_solver(
+        flow,
+        train,
+        val,
+        lambda v: _initial_solver(flow, v, order, nfe, init),
+        lambda m, pairs, idx: bespoke_loss(m, flow, pairs, idx, loss=loss, gt=gt),
         config,
-        full_loss_fn=full_loss_fn,
+        signature={"loss": loss, "gt": gt},
         checkpoint=checkpoint,
-        signature=signature,
-        desc=f"{module.kind} nfe={nfe}",
+        device=device,
         quiet=quiet,
     )
     objective = {"bound": "RMSE-Bound (BES Eq. 26)", "lte": "sum of local errors", "rmse": "global RMSE"}[loss]

@@ -8,15 +8,13 @@ best validation PSNR. The pairs (x_0, x(1)) come from the ground-truth cache (`g
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..errors import BespokeError, NonFiniteVelocity
 from ..solvers import METHODS, Solver, solver
 from ..solvers.bns import BNSSolver
-from .loop import FitConfig, batch_indices, fit
-from .pairs import capped_learning_rate, cond_of, solver_psnr, to_device, training_summary
+from .loop import FitConfig
+from .pairs import cond_of, fit_solver, solver_psnr, training_summary
 
 __all__ = ["train_bns", "init_candidates", "select_init"]
 
@@ -110,52 +108,22 @@ def train_bns(
     The returned solver carries `training_summary` (validation PSNR at init and best, iterations,
     wall time, ...), which solver files record.
     """
-    config = config or FitConfig()
-    if len(train) == 0 or len(val) == 0:
-        raise BespokeError("training needs at least one training and one validation pair")
-    if device is not None:
-        train, val = to_device(train, device), to_device(val, device)
-    module, init_scores = _initial_solver(flow, val, nfe, init, sigma0)
-    config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
-    if device is not None:
-        module.to(device)
-    module.model_fingerprint = flow.fingerprint
 
-    def log_mse(m, idx):  # Eq. 13: per-sample log-MSE against the ground truth, summed
-        x = m.sample(flow, train.noise[idx], checkpoint=grad_checkpoint, **cond_of(train, idx))
-        err = (x - train.samples[idx].to(x.dtype)).flatten(1).pow(2).mean(1)
-        return torch.log(err.clamp(min=1e-30)).sum()
+    def log_mse(m, pairs, idx):  # Eq. 13: per-sample log-MSE against the ground truth, mean over idx
+        x = m.sample(flow, pairs.noise[idx], checkpoint=grad_checkpoint, **cond_of(pairs, idx))
+        err = (x - pairs.samples[idx].to(x.dtype)).flatten(1).pow(2).mean(1)
+        return torch.log(err.clamp(min=1e-30)).mean()
 
-    def loss_fn(m, it):  # phase 1: the mean over a mini-batch
-        idx = batch_indices(len(train), config.batch_size, config.seed, it)
-        return log_mse(m, idx) / len(idx)
-
-    def full_loss_fn(m):  # phase 2: the mean over all training pairs, back-propagated chunk by chunk
-        total = 0.0
-        for idx in torch.arange(len(train)).split(config.batch_size):
-            loss = log_mse(m, idx) / len(train)
-            loss.backward()
-            total += loss.item()
-        return torch.tensor(total, dtype=torch.float64)
-
-    signature = {
-        "kind": "bns",
-        "nfe": nfe,
-        "init": module.init,
-        "sigma0": sigma0,
-        "model": flow.fingerprint,
-        "train": len(train),
-        "val": len(val),
-    }
-    result = fit(
-        module,
-        loss_fn,
-        lambda m: solver_psnr(m, flow, val),
+    module, result, init_scores, config = fit_solver(
+        flow,
+        train,
+        val,
+        lambda v: _initial_solver(flow, v, nfe, init, sigma0),
+        log_mse,
         config,
-        full_loss_fn=full_loss_fn,
+        signature={"sigma0": sigma0},
         checkpoint=checkpoint,
-        signature=signature,
-        desc=f"bns nfe={nfe}",
+        device=device,
         quiet=quiet,
     )
     module.training_summary = training_summary(

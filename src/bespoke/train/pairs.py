@@ -10,9 +10,11 @@ import math
 
 import torch
 
+from ..errors import BespokeError
 from ..metrics import psnr
+from .loop import FitConfig, batch_indices, fit
 
-__all__ = ["cond_of", "to_device", "solver_psnr", "capped_learning_rate", "training_summary"]
+__all__ = ["cond_of", "to_device", "solver_psnr", "capped_learning_rate", "training_summary", "fit_solver"]
 
 
 def cond_of(pairs, idx=None) -> dict:
@@ -70,3 +72,49 @@ def training_summary(objective: str, init: str, init_scores: dict, train, val, r
         "history": [[i, round(v, 4)] for i, v in result.history],
         **extra,
     }
+
+
+def fit_solver(flow, train, val, initial, batch_loss, config, *, signature, checkpoint=None, device=None, quiet=False):
+    """The training every learned solver kind shares, around `loop.fit`.
+
+    initial(val) -> (module, {candidate: psnr}) chooses the starting solver; batch_loss(m, train, idx) is
+    the mean loss over training pairs idx. Moves data and solver to `device`, caps the learning rate by
+    the start's error, selects on validation PSNR, and runs the optional L-BFGS polish on the whole
+    training set chunk by chunk. Returns (module holding its best parameters, FitResult, scores, config).
+    """
+    config = config or FitConfig()
+    if len(train) == 0 or len(val) == 0:
+        raise BespokeError("training needs at least one training and one validation pair")
+    if device is not None:
+        train, val = to_device(train, device), to_device(val, device)
+    module, init_scores = initial(val)
+    config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
+    if device is not None:
+        module.to(device)
+    module.model_fingerprint = flow.fingerprint
+
+    def loss_fn(m, it):  # phase 1: a mini-batch
+        return batch_loss(m, train, batch_indices(len(train), config.batch_size, config.seed, it))
+
+    def full_loss_fn(m):  # phase 2: all training pairs, back-propagated chunk by chunk
+        total = 0.0
+        for idx in torch.arange(len(train)).split(config.batch_size):
+            part = batch_loss(m, train, idx) * (len(idx) / len(train))
+            part.backward()
+            total += part.item()
+        return torch.tensor(total, dtype=torch.float64)
+
+    signature = {"kind": module.kind, "nfe": module.nfe, "init": module.init, **signature}
+    signature.update(model=flow.fingerprint, train=len(train), val=len(val))
+    result = fit(
+        module,
+        loss_fn,
+        lambda m: solver_psnr(m, flow, val),
+        config,
+        full_loss_fn=full_loss_fn,
+        checkpoint=checkpoint,
+        signature=signature,
+        desc=f"{module.kind} nfe={module.nfe}",
+        quiet=quiet,
+    )
+    return module, result, init_scores, config
