@@ -314,3 +314,15 @@ def test_bns_training_starts_from_a_bespoke_solver_file(flow, data, tmp_path):
     assert (bns.sample(flow, x0, **cond) - rk2.sample(flow, x0, **cond)).abs().max().item() <= 1e-10
     with pytest.raises(BespokeError, match="holds a bespoke-rk2 solver"):
         train_bns(flow, train, val, 4, init=f"bespoke-rk1:{path}", config=cfg, quiet=True)
+
+
+def test_global_rmse_loss_with_activation_checkpointing_has_the_same_gradient(flow, data):
+    train, _ = data
+    s = random_solver(2, 8, seed=9)
+    idx = torch.arange(16)
+    grads = []
+    for ckpt in (False, True):
+        s.zero_grad()
+        bespoke_loss(s, flow, train, idx, loss="rmse", grad_checkpoint=ckpt).backward()
+        grads.append(torch.cat([p.grad for p in s.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)

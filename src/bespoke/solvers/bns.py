@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import BespokeError
 from ..paths import Preconditioned, Scheduler, scale_time
 from .base import Dedicated, Solver
-from .learned import Learned, pinned_times
+from .learned import Learned, evaluator, pinned_times
 from .nonstationary import NSSolver, Trace, run_ns
 
 __all__ = ["BNSSolver", "preconditioned_frame"]
@@ -184,12 +184,7 @@ class BNSSolver(Learned):
             cast = lambda v: v.to(noise.device, noise.dtype)
             frame = type(frame)(t=frame.t, s=cast(frame.s), dt=cast(frame.dt), ds=cast(frame.ds))
 
-        def ev(t, x):
-            if checkpoint and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(lambda t_, x_: flow(t_, x_, **cond), t, x, use_reentrant=False)
-            return flow(t, x, **cond)
-
-        return run_ns(ev, noise, times, a, b, self.start_scale, frame)
+        return run_ns(evaluator(flow, cond, checkpoint), noise, times, a, b, self.start_scale, frame)
 
     def to_ns(self, target=None, ode_end: float = 1.0) -> NSSolver:
         """The plain NS form over the model's own velocity (compiling the preconditioned coordinates away)."""

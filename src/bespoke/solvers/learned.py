@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import BespokeError
 from .base import Solver, validate_times
 
-__all__ = ["Learned", "pinned_times"]
+__all__ = ["Learned", "pinned_times", "evaluator"]
 
 
 def pinned_times(log_inc: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
@@ -20,6 +20,18 @@ def pinned_times(log_inc: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
     frac = torch.cumsum(inc, 0)[:-1] / inc.sum()
     t0, t1 = t_ends[0], t_ends[1]
     return torch.cat([t0[None], t0 + (t1 - t0) * frac, t1[None]])
+
+
+def evaluator(flow, cond: dict, checkpoint: bool = False):
+    """ev(t, x) = flow(t, x, **cond); checkpoint=True recomputes each network call in the backward pass
+    instead of storing its activations (for back-propagating through many steps of a large model)."""
+
+    def ev(t, x):
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(lambda t_, x_: flow(t_, x_, **cond), t, x, use_reentrant=False)
+        return flow(t, x, **cond)
+
+    return ev
 
 
 class Learned(nn.Module, Solver):

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import BespokeError
 from ..interpolate import hermite
 from ..paths import Scheduler, scale_time, scheduler_from_name
-from .learned import Learned, pinned_times
+from .learned import Learned, evaluator, pinned_times
 from .nonstationary import NSSolver, Trace
 
 __all__ = ["BespokeSolver", "Transform", "rk1_step", "rk2_step", "run_bespoke", "step_lipschitz", "bound_weights"]
@@ -196,11 +196,12 @@ class BespokeSolver(Learned):
         return f"BespokeSolver(RK{self.order}, nfe={self.nfe}, init={self.init!r})"
 
     # --- sampling -----------------------------------------------------------------------------------
-    def sample(self, flow, noise: torch.Tensor, **cond) -> torch.Tensor:
+    def sample(self, flow, noise: torch.Tensor, *, checkpoint: bool = False, **cond) -> torch.Tensor:
+        """Differentiable in the parameters; checkpoint=True keeps no network activations (global-RMSE loss)."""
         flow.check_noise(noise)
         self.check_model(flow)
         v = self.transform().cast(noise)
-        return run_bespoke(lambda t, x: flow(t, x, **cond), noise, v, self.order, self.steps)
+        return run_bespoke(evaluator(flow, cond, checkpoint), noise, v, self.order, self.steps)
 
     def to_ns(self, target=None, ode_end: float = 1.0) -> NSSolver:
         """The NS form (spec §3.2): RK1 is a one-step update, RK2 two NS steps per step (z at t_m)."""

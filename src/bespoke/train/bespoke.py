@@ -49,11 +49,13 @@ def _ground_truth_at(flow, pairs, idx, tau, source: str):
     return states.transpose(0, 1), u.reshape(states.shape).transpose(0, 1)
 
 
-def bespoke_loss(module: BespokeSolver, flow, pairs, idx, *, loss: str = "bound", gt: str = "cached"):
+def bespoke_loss(
+    module: BespokeSolver, flow, pairs, idx, *, loss: str = "bound", gt: str = "cached", grad_checkpoint=False
+):
     """The mini-batch loss of pairs idx (a scalar tensor, differentiable in the solver's parameters)."""
     noise, cond = pairs.noise[idx], cond_of(pairs, idx)
-    if loss == "rmse":  # the global error of the sequential solve
-        x = module.sample(flow, noise, **cond)
+    if loss == "rmse":  # the global error of the sequential solve (activation checkpointing optional)
+        x = module.sample(flow, noise, checkpoint=grad_checkpoint, **cond)
         return _rmse((x - pairs.samples[idx].to(x.dtype))[None]).mean()
     v = module.transform()
     n, order = module.steps, module.order
@@ -114,6 +116,7 @@ def train_bespoke(
     gt: str = "cached",
     config: FitConfig | None = None,
     checkpoint=None,
+    grad_checkpoint: bool = False,
     device=None,
     quiet: bool = False,
 ) -> BespokeSolver:
@@ -123,7 +126,9 @@ def train_bespoke(
            at the current times every iteration, with the cache's tolerances; loss="rmse": endpoints only).
     init:  "auto" (the best on val of the identity and the Thm 2.3 transforms onto condot, cosine, vp and
            edm), "identity", one of those path names, a Scheduler, or a BespokeSolver.
-    loss:  "bound" (RMSE-Bound, the paper's default), "lte" (M_i = 1) or "rmse" (global, sequential).
+    loss:  "bound" (RMSE-Bound, the paper's default), "lte" (M_i = 1) or "rmse" (global, sequential;
+           grad_checkpoint=True recomputes the network in the backward pass instead of storing n steps).
+    checkpoint: a path; the run saves there at every validation and resumes from it if it exists.
     """
     if loss not in LOSSES:
         raise BespokeError(f"unknown Bespoke loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -140,7 +145,7 @@ def train_bespoke(
         train,
         val,
         lambda v: _initial_solver(flow, v, order, nfe, init),
-        lambda m, pairs, idx: bespoke_loss(m, flow, pairs, idx, loss=loss, gt=gt),
+        lambda m, pairs, idx: bespoke_loss(m, flow, pairs, idx, loss=loss, gt=gt, grad_checkpoint=grad_checkpoint),
         config,
         signature={"loss": loss, "gt": gt},
         checkpoint=checkpoint,
