@@ -110,7 +110,7 @@ def table(res: dict, nfes) -> list[str]:
 
 
 def plot(results: list[dict], nfes, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(max(5.2 * len(results), 12), 4.2), dpi=110, squeeze=False)
     for ax, res in zip(axes[0], results):
         for cells in res["dedicated"].values():
             ax.plot(nfes, [cells[str(n)]["psnr"] for n in nfes], lw=0.8, alpha=0.35, color="gray")
