@@ -25,7 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import machine, write_section  # noqa: E402  (benchmarks/common.py)
+from common import finish_psnr_panels, machine, write_section  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.solvers.files import load_solvers, save_solvers  # noqa: E402
@@ -120,19 +120,15 @@ def plot(results: list[dict], nfes, path: Path) -> None:
             ax.plot(nfes, [res[key][str(n)]["psnr"] for n in nfes], marker=marker, lw=2, color=color, label=label)
         for n, cell in res["bns_from_rk2"].items():
             ax.plot([int(n)], [cell["psnr"]], "*", ms=13, color="tab:purple", label=f"BNS from RK2-Bespoke (NFE {n})")
-        ax.set_title(f"zoo:{res['model']}")
-        ax.set_xlabel("NFE")
-        ax.set_xticks(list(nfes))
-        ax.set_ylim(bottom=15)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"PSNR vs ground truth [dB] ({results[0]['val']} validation pairs)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=9, ncol=len(labels), loc="lower center", frameon=False)
-    fig.suptitle("Learned solvers vs dedicated ones (thin grey: every dedicated solver), same noise and ground truth")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    finish_psnr_panels(
+        fig,
+        axes[0],
+        results,
+        nfes,
+        "Learned solvers vs dedicated ones (thin grey: every dedicated solver), same noise and ground truth",
+        path,
+        bottom=15,
+    )
 
 
 def main(argv=None) -> int:

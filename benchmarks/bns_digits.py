@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import machine, write_section  # noqa: E402  (benchmarks/common.py)
+from common import finish_psnr_panels, machine, write_section  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.errors import NonFiniteVelocity  # noqa: E402
@@ -160,19 +160,15 @@ def plot(results: list[dict], nfes, path: Path) -> None:
             ys = [cells[str(n)]["psnr"] for n in nfes]
             ax.plot(nfes, ys, marker="o", lw=1, alpha=0.75, label=k)
         ax.plot(nfes, [res["bns"][str(n)]["psnr"] for n in nfes], marker="s", lw=2.5, color="black", label="BNS")
-        ax.set_title(f"zoo:{res['model']}")
-        ax.set_xlabel("NFE")
-        ax.set_xticks(list(nfes))
-        ax.set_ylim(bottom=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"PSNR vs ground truth [dB] ({results[0]['val']} validation pairs)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=9, ncol=len(labels), loc="lower center", frameon=False)
-    fig.suptitle("BNS vs dedicated solvers (recommended grids), same noise and dopri5 ground truth")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    finish_psnr_panels(
+        fig,
+        axes[0],
+        results,
+        nfes,
+        "BNS vs dedicated solvers (recommended grids), same noise and dopri5 ground truth",
+        path,
+        bottom=10,
+    )
 
 
 def main(argv=None) -> int:
