@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import finish_psnr_panels, machine, write_section  # noqa: E402  (benchmarks/common.py)
+from common import figure_lines, finish_psnr_panels, machine, publish, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.solvers.files import load_solvers, save_solvers  # noqa: E402
@@ -80,10 +79,7 @@ def run_model(name: str, args) -> dict:
 
     solvers = trained(out / "bns-from-rk2.safetensors", flow, [args.bns_nfe], from_rk2)
     res["bns_from_rk2"] = {n: {"psnr": solver_psnr(s, flow, val), **s.training_summary} for n, s in solvers.items()}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, done)
-    return json.loads(done.read_text())  # str keys, as when cached
+    return write_json(done, res)  # str keys, as when cached
 
 
 def best_dedicated(res: dict, nfe: int) -> tuple[str, float]:
@@ -183,12 +179,9 @@ def main(argv=None) -> int:
             f"Cost: {res['trajectories']['num']} GT trajectories {res['trajectories']['seconds']:.0f} s; training "
             f"seconds at NFE {'/'.join(map(str, args.nfe))}: RK1 {secs('rk1')}, RK2 {secs('rk2')}, BNS {secs('bns')}.",
         ]
-    img = args.out.parent / "img" / "bespoke_digits.png"
-    plot(results, args.nfe, img)
-    lines += ["", f"![PSNR vs NFE, learned and dedicated solvers]({img.relative_to(args.out.parent).as_posix()})"]
-    lines += ["", f"Wall time of this invocation: {time.perf_counter() - started:.0f} s (cached parts are not re-run)."]
-    write_section(args.out, MARK, "\n".join(lines))
-    print("\n".join(lines))
+    draw = lambda img: plot(results, args.nfe, img)  # noqa: E731
+    lines += figure_lines(args.out, "bespoke_digits.png", "PSNR vs NFE, learned and dedicated solvers", draw)
+    publish(args.out, MARK, lines, started)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import finish_psnr_panels, machine, write_section  # noqa: E402  (benchmarks/common.py)
+from common import figure_lines, finish_psnr_panels, machine, publish, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.errors import NonFiniteVelocity  # noqa: E402
@@ -45,11 +44,7 @@ def cached_json(path: Path, make):
     """The JSON at `path`, or `make()` written there atomically first."""
     if path.exists():
         return json.loads(path.read_text())
-    obj = json.loads(json.dumps(make()))  # the same key types (str) whether fresh or cached
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return obj
+    return write_json(path, make())
 
 
 def dedicated(flow, val, nfes) -> dict:
@@ -118,10 +113,7 @@ def run_model(name: str, args) -> dict:
         "best_dedicated": best,
         "dedicated": fd_digits(y.float()),
     }
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, done)
-    return json.loads(done.read_text())  # str keys, as when cached
+    return write_json(done, res)  # str keys, as when cached
 
 
 def table(res: dict, nfes) -> list[str]:
@@ -224,12 +216,9 @@ def main(argv=None) -> int:
             f"Cost: GT for the {res['val'] + res['train']} pairs {res['gt_seconds']:.0f} s "
             f"(dopri5, {min(res['gt_nfe'])}–{max(res['gt_nfe'])} NFE per shard); BNS training {times}.",
         ]
-    img = args.out.parent / "img" / "bns_digits.png"
-    plot(results, args.nfe, img)
-    lines += ["", f"![PSNR vs NFE, BNS and dedicated solvers]({img.relative_to(args.out.parent).as_posix()})"]
-    lines += ["", f"Wall time of this invocation: {time.perf_counter() - started:.0f} s (cached parts are not re-run)."]
-    write_section(args.out, MARK, "\n".join(lines))
-    print("\n".join(lines))
+    draw = lambda img: plot(results, args.nfe, img)  # noqa: E731
+    lines += figure_lines(args.out, "bns_digits.png", "PSNR vs NFE, BNS and dedicated solvers", draw)
+    publish(args.out, MARK, lines, started)
     return 0
 
 

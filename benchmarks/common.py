@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -48,3 +50,28 @@ def finish_psnr_panels(fig, axes, results: list[dict], nfes, title: str, path: P
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_json(path: Path, obj) -> dict:
+    """Write `obj` as JSON atomically and return it as it reads back (dict keys become str)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
+def figure_lines(doc: Path, name: str, alt: str, draw) -> list[str]:
+    """Draw the figure into img/`name` beside `doc` (draw(path)) and return the markdown that shows it."""
+    img = doc.parent / "img" / name
+    draw(img)
+    return ["", f"![{alt}]({img.relative_to(doc.parent).as_posix()})"]
+
+
+def publish(doc: Path, mark: str, lines: list[str], started: float) -> None:
+    """Finish a benchmark's report: its wall time, written into its section of `doc`, and printed."""
+    lines = lines + [
+        "",
+        f"Wall time of this invocation: {time.perf_counter() - started:.0f} s (cached parts are not re-run).",
+    ]
+    write_section(doc, mark, "\n".join(lines))
+    print("\n".join(lines))
