@@ -24,16 +24,6 @@ F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
-def flow():
-    return bespoke.load_model("zoo:gmm2d")
-
-
-@pytest.fixture(scope="module")
-def noise():
-    return bespoke.draw_noise((2,), 64, seed=3, dtype=F64)
-
-
-@pytest.fixture(scope="module")
 def labels(flow):
     return {"labels": torch.arange(64) % flow.num_classes}
 

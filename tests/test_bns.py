@@ -26,16 +26,6 @@ F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
-def flow():
-    return bespoke.load_model("zoo:gmm2d")
-
-
-@pytest.fixture(scope="module")
-def noise():
-    return bespoke.draw_noise((2,), 64, seed=3, dtype=F64)
-
-
-@pytest.fixture(scope="module")
 def pairs(flow, tmp_path_factory):
     gt = generate_gt(flow, tmp_path_factory.mktemp("gt"), num=384, shard_size=128, quiet=True)
     return gt.slice(128, 384), gt.slice(0, 128)  # train, val
