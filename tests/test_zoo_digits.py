@@ -10,9 +10,10 @@ import torch
 
 import bespoke
 from bespoke import BespokeError
+from bespoke.io import weights_fingerprint as fingerprint
 from bespoke.noise import draw_noise
 from bespoke.paths import CondOT, Cosine, VPDiscrete
-from bespoke.zoo.pretrained import DIGITS_MODELS, digits_network, fingerprint, read_weights, weights_path
+from bespoke.zoo.pretrained import DIGITS_MODELS, digits_network, read_weights, weights_path
 
 EXPECTED = {"digits-ot": (CondOT, "velocity"), "digits-vp": (VPDiscrete, "eps"), "digits-cos": (Cosine, "v")}
 

@@ -20,6 +20,7 @@ from .errors import BespokeError, NonFiniteVelocity
 from .fd import class_accuracy, fd_digits
 from .flows import Flow, Guidance, from_network
 from .metrics import EvalResult, evaluate, psnr, rmse
+from .models import load_model
 from .noise import draw_noise
 from .solvers import SOLVER_NAMES, NSSolver, Solver, solver
 from .solvers.adaptive import GroundTruth, ground_truth
@@ -30,7 +31,6 @@ from .train import GTCache, generate_gt, load_gt
 from .train.bespoke import train_bespoke
 from .train.bns import train_bns
 from .train.loop import FitConfig
-from .zoo import load_model
 
 __all__ = [
     "BespokeError",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import BespokeError, NonFiniteVelocity
+from .io import weights_fingerprint
 from .paths import Scheduler, VPDiscrete
 
 __all__ = [
@@ -362,6 +363,8 @@ def from_network(
         "auto"      - "timestep" for a VPDiscrete scheduler, "canonical" otherwise.
     For discrete-timestep models the ODE runs from the largest to the smallest training timestep
     (`ode_end`), and the sample is the data prediction there (DESIGN §3).
+    fingerprint: defaults, for an nn.Module, to a hash of its weights, prediction and scheduler, so
+    solver files and GT caches made for it recognise it in a later process.
     """
     kind = canonical_prediction(prediction)
     if not isinstance(scheduler, Scheduler):
@@ -395,6 +398,8 @@ def from_network(
             raise BespokeError(f"cond_keys {bad} are not parameters of the network (it takes {keys})")
 
     net_dtype = next((p.dtype for p in net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+    if fingerprint is None and isinstance(net, torch.nn.Module):  # the weights and how they are read
+        fingerprint = weights_fingerprint(net.state_dict(), extra=f"{kind}|{scheduler!r}")
 
     def predict(x, t, **cond):
         # the network runs in its own dtype; the state and the coefficient math keep theirs (e.g. float64)

@@ -7,6 +7,7 @@ an error that names the file and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from .errors import BespokeError
 
-__all__ = ["load_tensors", "save_tensors"]
+__all__ = ["load_tensors", "save_tensors", "weights_fingerprint"]
 
 _KEY = "bespoke"  # the safetensors metadata entry that holds our JSON
 
@@ -47,3 +48,13 @@ def load_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as e:  # a missing key, bad JSON, or safetensors' own error types for a damaged file
         raise BespokeError(f"{path} is not a valid bespoke weights file ({type(e).__name__}: {e}); {fix}") from None
     return tensors, meta
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor], extra: str = "") -> str:
+    """sha256 over the weights (names, dtypes, shapes, bytes) and `extra`, 16 hex digits: metadata edits keep it."""
+    h = hashlib.sha256(extra.encode())
+    for k in sorted(state):
+        v = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.dtype == torch.bfloat16 else v.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Bundled models. `load_model("zoo:NAME")` resolves them.
+"""Bundled models: `zoo_model(NAME)`, which `bespoke.load_model("zoo:NAME")` resolves to.
 
 zoo:gmm2d      a 2-D Gaussian mixture (6 components, 3 classes) with its exact velocity
 zoo:gmm<D>d    a seeded random mixture in D dimensions, e.g. zoo:gmm16d
@@ -19,12 +19,14 @@ from ..paths import Scheduler, scheduler_from_name
 from .gmm import GaussianMixture, gmm2d, gmm_flow, random_mixture
 from .pretrained import DIGITS_MODELS, digits_flow
 
-__all__ = ["load_model", "ZOO_NAMES", "GaussianMixture", "gmm_flow", "gmm2d", "random_mixture"]
+__all__ = ["zoo_model", "ZOO_NAMES", "GaussianMixture", "gmm_flow", "gmm2d", "random_mixture"]
 
 ZOO_NAMES = ("gmm2d", "gmm<D>d", *DIGITS_MODELS)
 
 
-def _zoo(name: str, scheduler: Scheduler | None, guidance) -> Flow:
+def zoo_model(name: str, *, path: str | Scheduler | None = None, guidance="default") -> Flow:
+    """The bundled model zoo:`name` (see `bespoke.load_model` for `path` and `guidance`)."""
+    scheduler = path if isinstance(path, Scheduler) or path is None else scheduler_from_name(path)
     if name in DIGITS_MODELS:
         if scheduler is not None:
             raise BespokeError(f"zoo:{name} was trained on its own path; `path` only applies to the analytic models")
@@ -39,20 +41,3 @@ def _zoo(name: str, scheduler: Scheduler | None, guidance) -> Flow:
     if m and int(m.group(1)) >= 1:
         return gmm_flow(random_mixture(int(m.group(1))), scheduler, name=f"zoo:{name}", guidance=guidance)
     raise BespokeError(f"unknown zoo model 'zoo:{name}'; available: {', '.join('zoo:' + n for n in ZOO_NAMES)}")
-
-
-def load_model(spec: str, *, path: str | Scheduler | None = None, guidance="default") -> Flow:
-    """A Flow from a model spec.
-
-    path:     the Gaussian path of the analytic models (condot by default, cosine, vp, vp-discrete,
-              ve, edm, or a Scheduler); trained models keep the path they were trained on.
-    guidance: "default" (the model's own default: none for the mixtures), None (no guidance),
-              a weight in the fm convention (1+w) cond - w uncond, or a bespoke.Guidance.
-    """
-    if not isinstance(spec, str) or ":" not in spec:
-        raise BespokeError(f"model spec must look like zoo:NAME, got {spec!r}")
-    kind, _, name = spec.partition(":")
-    if kind != "zoo":
-        raise BespokeError(f"unsupported model spec {spec!r}: only zoo:NAME models are available in this version")
-    scheduler = path if isinstance(path, Scheduler) or path is None else scheduler_from_name(path)
-    return _zoo(name, scheduler, guidance)

@@ -6,14 +6,13 @@ the model's default guidance; `digits_flow` turns it into a Flow through the pub
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ..flows import Flow, Guidance, from_network
-from ..io import load_tensors, save_tensors
+from ..io import load_tensors, save_tensors, weights_fingerprint
 from ..paths import scheduler_from_name
 from .digits import NUM_CLASSES, SIZE
 from .unet import UNet
@@ -22,7 +21,6 @@ __all__ = [
     "DIGITS_MODELS",
     "digits_flow",
     "digits_network",
-    "fingerprint",
     "read_weights",
     "weights_path",
     "write_metadata",
@@ -36,23 +34,13 @@ def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
-def fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the weights (names, dtypes, shapes, bytes), 16 hex digits: metadata edits keep it."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k].contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @lru_cache(maxsize=8)
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(state dict, metadata, fingerprint of the weights)."""
     state, meta = load_tensors(
         path, f"reinstall the package or train the model again: `python -m bespoke.zoo.train {path.stem}`"
     )
-    return state, meta, fingerprint(state)
+    return state, meta, weights_fingerprint(state)
 
 
 def _guidance(guidance, meta: dict) -> Guidance | None:
