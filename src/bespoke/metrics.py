@@ -8,7 +8,7 @@ samples (not the PSNR of the batch MSE).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -55,9 +55,10 @@ class EvalResult:
     rmse: float
     num_samples: int
     seconds: float
+    samples: torch.Tensor | None = field(default=None, repr=False, compare=False)  # with keep_samples=True
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
 
 
 def evaluate(
@@ -68,9 +69,11 @@ def evaluate(
     *,
     data_range: float | None = None,
     name: str | None = None,
+    keep_samples: bool = False,
     **cond,
 ) -> EvalResult:
-    """Run `solver` on `noise`, count the NFE it really spends per sample, and score it against `reference`."""
+    """Run `solver` on `noise`, count the NFE it really spends per sample, and score it against `reference`
+    (keep_samples: also return the samples, as `.samples`)."""
     t0 = time.perf_counter()
     with torch.no_grad(), flow.counting() as count:
         x = solver.sample(flow, noise, **cond)
@@ -82,4 +85,5 @@ def evaluate(
         rmse=float(rmse(x, reference).mean()),
         num_samples=noise.shape[0],
         seconds=seconds,
+        samples=x if keep_samples else None,
     )

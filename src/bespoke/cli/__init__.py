@@ -1,0 +1,67 @@
+"""The `bespoke` command (DESIGN §5): one module per subcommand, each with `register(subparsers)`.
+
+    bespoke demo                                  the main job on the bundled model
+    bespoke gt     --model SPEC --num N --out GT_DIR
+    bespoke train  --model SPEC --solver bns --nfe 4,8 --out FILE
+    bespoke sample --model SPEC --solver NAME_OR_FILE --nfe N --num N --out OUT.safetensors [--grid PNG]
+    bespoke eval   --model SPEC --solvers A,B,FILE --nfe 4,8,16 [--json OUT.json] [--plot PNG]
+    bespoke info   FILE
+
+Exit codes: 0 success; 2 bad input (one line `bespoke: error: ...` on stderr); 1 internal error
+(one line; the traceback too when BESPOKE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import bespoke
+from bespoke import BespokeError
+
+from . import demo, evaluate, gt, info, sample, train
+from .common import Parser, print_error
+
+__all__ = ["main", "build_parser"]
+
+COMMANDS = (demo, gt, train, sample, evaluate, info)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="bespoke", description="Learned few-step ODE solvers for pre-trained diffusion and flow models."
+    )
+    parser.add_argument("--version", action="version", version=f"bespoke {bespoke.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    except BespokeError as e:
+        if os.environ.get("BESPOKE_DEBUG") == "1":
+            traceback.print_exc()
+        print_error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        print("bespoke: interrupted (finished work is kept; run the same command again to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("BESPOKE_DEBUG") == "1":
+            traceback.print_exc()
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        print(f"bespoke: internal error: {message} (set BESPOKE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

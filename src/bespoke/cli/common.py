@@ -1,0 +1,299 @@
+"""What every `bespoke` subcommand shares: argument types and flags, one-line errors, the device,
+loading the model and its conditioning, and writes that never leave half a file behind."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import bespoke
+from bespoke import BespokeError
+from bespoke.noise import draw_labels
+from bespoke.paths import SCHEDULERS
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `bespoke: error: <message> (see 'bespoke eval --help')`, exit 2."""
+
+    def error(self, message):
+        print_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def int_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            n = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers >= 1 (e.g. 4,8,16), got {text!r}"
+            ) from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"every NFE must be >= 1, got {n}")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return x
+
+
+def positive_float(text: str) -> float:
+    x = finite_float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return x
+
+
+def labels_arg(text: str):
+    if text == "random":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"expected a class label (an integer >= 0) or 'random', got {text!r}")
+    return k
+
+
+def add_model_args(p, *, labels: bool = True) -> None:
+    """--model, --path, --guidance (and --labels): which model, and how it is conditioned."""
+    p.add_argument(
+        "--model", required=True, metavar="SPEC", help="zoo:NAME, python:FILE.py:FUNC or MODULE:FUNC (e.g. zoo:gmm2d)"
+    )
+    p.add_argument(
+        "--path",
+        default=None,
+        choices=list(SCHEDULERS),
+        help="Gaussian path of the analytic models (default condot); trained models keep their own",
+    )
+    p.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        metavar="W",
+        help="classifier-free guidance weight, fm convention (1+w)*cond - w*uncond (default: the model's own)",
+    )
+    if labels:
+        p.add_argument(
+            "--labels",
+            type=labels_arg,
+            default=None,
+            metavar="K|random",
+            help="class label K for every sample, or 'random' (labels drawn from the seed); "
+            "class-conditional models default to random",
+        )
+
+
+def add_run_args(p, *, seed: bool = True) -> None:
+    """--seed, --device, --quiet."""
+    if seed:
+        p.add_argument("--seed", type=integer, default=0, help="seed of the noise (and labels) (default 0)")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available, else cpu"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+
+
+# --- messages, device, model ---------------------------------------------------------------------
+
+
+def print_error(message: str) -> None:
+    print(f"bespoke: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def say(args, message: str) -> None:
+    """A progress line on stderr, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BespokeError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def load_flow(args):
+    """The model of --model, with --path and --guidance applied; it must declare its sample shape."""
+    flow = bespoke.load_model(
+        args.model, path=args.path, guidance="default" if args.guidance is None else args.guidance
+    )
+    if flow.sample_shape is None:
+        raise BespokeError(f"{args.model} does not declare its sample shape, so noise cannot be drawn for it")
+    return flow
+
+
+def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None]:
+    """The `labels` keyword for `num` samples from `start`, and how to describe it (None when unconditional).
+
+    A class-conditional model gets labels drawn from --seed when --labels is not given."""
+    choice = getattr(args, "labels", None)
+    if choice is None:
+        if flow.num_classes is not None and "labels" in flow.cond_keys:
+            choice = "random"
+        elif flow.guidance is not None:
+            raise BespokeError(
+                f"{args.model} samples with guidance (w={flow.guidance.weight:g}), which needs class labels: "
+                "add --labels K (one class for all) or --labels random"
+            )
+        else:
+            return {}, None
+    if "labels" not in flow.cond_keys:
+        raise BespokeError(f"--labels: {args.model} is not class-conditional (it takes no labels)")
+    n = flow.num_classes
+    if choice == "random":
+        if n is None:
+            raise BespokeError(f"--labels random: {args.model} does not say how many classes it has; pass --labels K")
+        return {"labels": draw_labels(num, n, args.seed, start=start)}, f"random 0..{n - 1}"
+    if n is not None and choice >= n:
+        raise BespokeError(f"--labels {choice}: {args.model} has classes 0..{n - 1}")
+    return {"labels": torch.full((num,), choice, dtype=torch.long)}, str(choice)
+
+
+def solver_names(text: str) -> list[str]:
+    """Built-in names ('all' = every one) and solver files, in order, without repeats."""
+    if text.strip() == "all":
+        return list(bespoke.SOLVER_NAMES)
+    names = []
+    for name in (n.strip() for n in text.split(",")):
+        if name not in bespoke.SOLVER_NAMES and not is_solver_file(name):
+            raise BespokeError(
+                f"unknown solver {name!r}; valid names: {', '.join(bespoke.SOLVER_NAMES)} "
+                "(or 'all'), or a solver file (*.safetensors) made by `bespoke train`"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def is_solver_file(name: str) -> bool:
+    return name.endswith(".safetensors") or os.path.isfile(name)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def check_writable(path, flag: str) -> None:
+    """Fail now, not after the work, if `path` cannot be written (same test as the final write)."""
+    path = str(path)
+    if os.path.isdir(path):
+        raise BespokeError(f"cannot write {flag} {path}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".bespoke-", suffix=".tmp")
+    except OSError as e:
+        raise BespokeError(f"cannot write {flag} {path}: {e.strerror or e} ({parent})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path, flag: str):
+    """Yield a temporary path beside `path`; on success it is renamed over `path` (ordinary file mode),
+    on any error removed, so `path` is never half-written."""
+    path = str(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise BespokeError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BespokeError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path, obj, flag: str = "--json") -> None:
+    with atomic_path(path, flag) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path, text: str, flag: str) -> None:
+    with atomic_path(path, flag) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_samples(path, tensors: dict[str, torch.Tensor], meta: dict, flag: str = "--out") -> None:
+    """A noise/samples file (DESIGN §6): safetensors with `noise`, `samples` (and `labels`), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, flag) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"bespoke": json.dumps(meta)}
+        )
+
+
+def read_noise(path, flow) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(noise, labels or None) from a safetensors file with a `noise` tensor shaped (batch, *sample_shape)."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise BespokeError(f"--noise {path}: no such file")
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise BespokeError(f"--noise {path} is not a safetensors file ({type(e).__name__}: {e})") from None
+    if "noise" not in tensors:
+        raise BespokeError(f"--noise {path} has no 'noise' tensor (it has: {', '.join(sorted(tensors)) or 'nothing'})")
+    noise = tensors["noise"]
+    shape = tuple(flow.sample_shape)
+    if not noise.is_floating_point() or noise.dim() != 1 + len(shape) or tuple(noise.shape[1:]) != shape:
+        raise BespokeError(
+            f"--noise {path}: 'noise' is {noise.dtype} {tuple(noise.shape)}, but {flow.name} takes floating-point "
+            f"(batch, {', '.join(map(str, shape))})"
+        )
+    labels = tensors.get("labels")
+    if labels is not None and (labels.dtype != torch.long or tuple(labels.shape) != (noise.shape[0],)):
+        raise BespokeError(
+            f"--noise {path}: 'labels' must be int64 of shape ({noise.shape[0]},), got {labels.dtype} "
+            f"{tuple(labels.shape)}"
+        )
+    return noise, labels

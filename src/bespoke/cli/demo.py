@@ -1,0 +1,359 @@
+"""`bespoke demo`: the main job. On a bundled model, learn a BNS and an RK2-Bespoke solver and show,
+in a table and in pictures, how they compare with every dedicated solver from the same noise.
+
+    bespoke demo [--model zoo:digits-ot] [--nfe 8] [--out bespoke-demo] [--fast]
+
+Steps: (1) ground truth for evaluation (pairs 0..E-1 of seed S) and (2) for training (seed S+1, with
+dense trajectories for Bespoke); (3) train BNS and (4) RK2-Bespoke at each --nfe; (5) evaluate every
+solver at NFE 4, 8, 16 on the evaluation pairs, exactly as `bespoke eval --gt OUT/cache/gt-eval`
+does; (6) write report.md, results.json (eval JSON), psnr_vs_nfe.png, samples.png, learned.png and
+the solver files into --out. Everything slow is cached under OUT/cache/, so a re-run (or a run killed
+half-way) redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import bespoke
+from bespoke import BespokeError, plots
+from bespoke.solvers.files import load_solvers
+
+from . import evaluate as ev
+from .common import add_run_args, atomic_path, device, int_list, load_flow, say, write_json_atomic, write_text_atomic
+from .train import summary_line, train_file
+
+EVAL_NFES = (4, 8, 16)
+LEARNED = {"bns": "BNS", "bespoke-rk2": "RK2-Bespoke"}
+GRID_COLUMNS = 10
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much work the demo does: pairs for evaluation, validation and training, and Adam iterations."""
+
+    eval: int
+    val: int
+    train: int
+    iterations: int
+    trajectory: int
+    shard: int = 64
+
+
+PROFILES = {
+    "default": Profile(eval=256, val=128, train=256, iterations=150, trajectory=33),
+    "fast": Profile(eval=64, val=32, train=64, iterations=30, trajectory=17, shard=32),
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job: learn solvers for a bundled model and compare them with every dedicated solver",
+        description="Train BNS and RK2-Bespoke solvers on a model, evaluate them against every built-in solver "
+        "at NFE 4/8/16 from the same noise, and write a report with pictures.",
+    )
+    p.add_argument("--model", default="zoo:digits-ot", metavar="SPEC", help="model spec (default zoo:digits-ot)")
+    p.add_argument("--nfe", type=int_list, default=[8], metavar="N,N,...", help="NFEs to learn solvers for (default 8)")
+    p.add_argument("--out", default="bespoke-demo", metavar="DIR", help="output directory (default ./bespoke-demo)")
+    p.add_argument("--fast", action="store_true", help="fewer pairs and iterations: a 2-minute run")
+    add_run_args(p)
+    p.set_defaults(func=cmd_demo, path=None, guidance=None, labels=None)
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall time per step, and whether the step's result came from the cache."""
+
+    def __init__(self):
+        self.steps: dict[str, tuple[float, bool]] = {}
+
+    def run(self, name: str, fn, cached: bool = False):
+        t0 = time.perf_counter()
+        out = fn()
+        self.steps[name] = (time.perf_counter() - t0, cached)
+        return out
+
+
+def _key(flow, profile: Profile, kind: str, nfes, seed: int) -> str:
+    """A short hash of everything that decides a trained solver: reuse it only when all of it matches."""
+    text = json.dumps([flow.fingerprint, flow.name, asdict(profile), kind, sorted(nfes), seed, bespoke.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _learned(flow, kind, nfes, train, val, cache: Path, profile, args, dev, clock: Clock) -> Path:
+    """The solver file of `kind` for `nfes`: from the cache when it holds one for these settings, else trained."""
+    stored = cache / f"{kind}-{_key(flow, profile, kind, nfes, args.seed)}.safetensors"
+    label = f"train {LEARNED[kind]}"
+    try:
+        if set(nfes) <= set(load_solvers(stored, flow=flow)):
+            clock.run(label, lambda: None, cached=True)
+            say(args, f"{LEARNED[kind]}: reusing {stored}")
+            return stored
+    except BespokeError:
+        pass  # missing or damaged: train it again
+    say(args, f"{LEARNED[kind]}: training at NFE {', '.join(map(str, nfes))} ...")
+    config = bespoke.FitConfig(
+        iterations=profile.iterations, val_every=max(10, profile.iterations // 5), seed=args.seed
+    )
+    clock.run(
+        label,
+        lambda: train_file(
+            flow,
+            kind,
+            nfes,
+            train,
+            val,
+            stored,
+            checkpoints=cache / f"ckpt-{stored.stem}",
+            config=config,
+            device=dev,
+            quiet=args.quiet,
+        ),
+    )
+    return stored
+
+
+def _publish(src: Path, dst: Path) -> None:
+    with atomic_path(dst, "--out") as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _fd(cells, reference, flow) -> dict | None:
+    """FD-digits of every solver's samples and of the ground truth (None unless 16x16 digit images)."""
+    if tuple(flow.sample_shape) != (1, 16, 16):
+        return None
+    with torch.no_grad():
+        fd = {"ground truth": bespoke.fd_digits(reference.float().cpu())}
+        for c in cells:
+            if c.result is not None:
+                fd[f"{c.solver}@{c.requested}"] = bespoke.fd_digits(c.result.samples.float().cpu())
+    return fd
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _markdown_table(cells, names, nfes, fmt, best=max) -> list[str]:
+    """Solver rows, NFE columns; the best value of each column in bold."""
+    by = {(c.solver, c.requested): c for c in cells}
+    lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    values = {k: fmt(c) for k, c in by.items()}
+    tops = {}
+    for n in nfes:
+        col = [v for (s, m), v in values.items() if m == n and v is not None]
+        tops[n] = best(col) if col else None
+    for name in names:
+        row = []
+        for n in nfes:
+            v = values[name, n]
+            text = "–" if v is None else f"{v:.2f}" + ("*" if by[name, n].run_at != n else "")
+            row.append(f"**{text}**" if v is not None and v == tops[n] else text)
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _psnr(c):
+    return c.result.psnr_db if c.result is not None else None
+
+
+def _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval, files) -> str:
+    total = sum(t for t, _ in clock.steps.values())
+    n_eval = len(gt_eval)
+    lines = [
+        f"# bespoke demo: {args.model}",
+        "",
+        f"Command: `bespoke demo --model {args.model} --nfe {','.join(map(str, args.nfe))}"
+        + (" --fast" if args.fast else "")
+        + f" --seed {args.seed}` · {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · bespoke {bespoke.__version__}",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{'GPU ' + torch.cuda.get_device_name() if device(args.device) == 'cuda' else 'CPU'}.",
+        "",
+        f"Evaluation: {n_eval} samples (noise seed {args.seed}), scored against dopri5 ground truth "
+        f"(rtol {gt_eval.manifest['rtol']:g}, atol {gt_eval.manifest['atol']:g}, {gt_eval.nfe} NFE per sample) from "
+        f"the same noise. The learned solvers were trained on {profile.train} other pairs (seed {args.seed + 1}) and "
+        f"selected on {profile.val} more; no evaluation pair was seen in training.",
+        "",
+        "## PSNR against ground truth (dB, higher is better)",
+        "",
+        *_markdown_table(cells, names, nfes, _psnr),
+        "",
+        "`*`: the solver ran at the largest NFE it takes below the one asked for; `–`: it cannot run there "
+        "(learned solvers exist only at the NFEs they were trained for).",
+    ]
+    if fd is not None:
+        lines += [
+            "",
+            f"## FD-digits (lower is better; ground truth: {fd['ground truth']:.2f})",
+            "",
+            "Fréchet distance to the held-out real digits in the feature space of the bundled digits classifier, "
+            f"on the same {n_eval} samples (small samples bias FD upward: compare with the ground truth's value).",
+            "",
+            *_markdown_table(cells, names, nfes, lambda c: fd.get(f"{c.solver}@{c.requested}"), best=min),
+        ]
+    lines += ["", "## Learned solvers", ""]
+    lines += [f"- {summary_line(s)}" for s in learned_solvers]
+    lines += ["", "## Timings", "", "| step | wall time |", "|---|---|"]
+    lines += [f"| {k} | {'cached' if c else f'{t:.0f} s'} |" for k, (t, c) in clock.steps.items()]
+    lines += [f"| **total** | **{total:.0f} s** |"]
+    lines += [
+        "",
+        "## Pictures",
+        "",
+        "![PSNR against NFE](psnr_vs_nfe.png)",
+        "",
+        "![Samples from the same noise](samples.png)",
+        "",
+        "![Learned times and coefficients](learned.png)",
+        "",
+        "## Use the solvers",
+        "",
+        "```",
+        *[
+            f"bespoke sample --model {args.model} --solver {Path(args.out) / (kind + '.safetensors')} "
+            f"--nfe {args.nfe[0]} --num 64 --out samples.safetensors --grid samples.png"
+            for kind in LEARNED
+        ],
+        f"bespoke eval --model {args.model} --gt {Path(args.out) / 'cache' / 'gt-eval'} --solvers "
+        + ",".join(["dpm++2m", *[str(Path(args.out) / (k + ".safetensors")) for k in LEARNED]])
+        + f" --nfe {','.join(map(str, nfes))}",
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pictures(args, flow, cells, files, noise, reference, main_nfe, out) -> str:
+    """PSNR-vs-NFE curves, the sample grid and the learned-parameter plot; returns the best dedicated solver."""
+    at = {(c.solver, c.requested): c for c in cells if c.result is not None and c.run_at == c.requested}
+    dedicated = [n for n in bespoke.SOLVER_NAMES if (n, main_nfe) in at]
+    if not dedicated:
+        raise BespokeError(f"no dedicated solver runs at NFE {main_nfe} on {args.model}; choose another --nfe")
+    best = max(dedicated, key=lambda n: at[n, main_nfe].result.psnr_db)
+    k = min(GRID_COLUMNS, noise.shape[0]) if plots.is_image(flow.sample_shape) else noise.shape[0]
+    rows = [(f"{best} (best dedicated)", at[best, main_nfe].result.samples[:k])]
+    rows += [(LEARNED[kind], at[kind, main_nfe].result.samples[:k]) for kind in LEARNED if (kind, main_nfe) in at]
+    results = [dict(c.result.as_dict(), requested_nfe=c.requested) for c in cells if c.result is not None]
+    title = f"{args.model}, {noise.shape[0]} evaluation samples"
+    plots.psnr_vs_nfe(
+        results, out / "psnr_vs_nfe.png", title=f"{title}: PSNR against ground truth", learned=tuple(LEARNED)
+    )
+    plots.sample_grid(
+        rows,
+        out / "samples.png",
+        reference=reference[:k],
+        data_range=flow.data_range,
+        title=f"{args.model} at NFE {main_nfe}",
+    )
+    learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
+    plots.learned_parameters(
+        (best, bespoke.solver(best, main_nfe)),
+        [(LEARNED[s.kind], s) for s in learned_solvers if s.nfe == main_nfe],
+        out / "learned.png",
+        flow=flow,
+        title=f"{args.model} at NFE {main_nfe}: where each solver evaluates the model, and what learning "
+        f"changed in how it combines the evaluations (against {best}, the best dedicated solver here)",
+    )
+
+    return best
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    t_start = time.perf_counter()
+    dev = device(args.device)
+    profile = PROFILES["fast" if args.fast else "default"]
+    out = Path(args.out)
+    cache = out / "cache"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BespokeError(f"cannot create --out {out}: {e.strerror or e}") from None
+    flow = load_flow(args)
+    clock = Clock()
+    gt_common = dict(shard_size=profile.shard, device=dev, quiet=args.quiet)
+
+    say(args, f"[1/5] ground truth for evaluation: {profile.eval} pairs (dopri5) ...")
+    gt_eval = clock.run(
+        "ground truth, evaluation pairs",
+        lambda: bespoke.generate_gt(flow, cache / "gt-eval", num=profile.eval, seed=args.seed, **gt_common),
+    ).slice(0, profile.eval)
+    n_fit = profile.val + profile.train
+    say(args, f"[2/5] ground truth for training: {n_fit} pairs with trajectories ...")
+    gt_fit = clock.run(
+        "ground truth, training pairs",
+        lambda: bespoke.generate_gt(
+            flow, cache / "gt-train", num=n_fit, seed=args.seed + 1, trajectory=profile.trajectory, **gt_common
+        ),
+    )
+    val, train = gt_fit.slice(0, profile.val), gt_fit.slice(profile.val, n_fit)
+
+    files = {}
+    for step, kind in enumerate(LEARNED, start=3):
+        say(args, f"[{step}/5] {LEARNED[kind]} at NFE {', '.join(map(str, args.nfe))}")
+        stored = _learned(flow, kind, args.nfe, train, val, cache, profile, args, dev, clock)
+        files[kind] = out / f"{kind}.safetensors"
+        _publish(stored, files[kind])
+
+    say(args, "[5/5] evaluating every solver at NFE 4, 8, 16 on the evaluation pairs ...")
+    nfes = sorted(set(EVAL_NFES) | set(args.nfe))
+    names = list(bespoke.SOLVER_NAMES) + [str(f) for f in files.values()]
+    noise = gt_eval.noise.to(dev, torch.float64)
+    reference = gt_eval.samples.to(dev)
+    cond = {k: v.to(dev) for k, v in gt_eval.cond().items()}
+    cells, held = clock.run(
+        "evaluation",
+        lambda: ev.run_eval(flow, names, nfes, noise, reference, cond, quiet=args.quiet, keep_samples=True),
+    )
+    short = {str(f): kind for kind, f in files.items()}
+    for c in cells:
+        c.solver = short.get(c.solver, c.solver)
+        if c.result is not None:
+            c.result.solver = c.solver
+    held = {short.get(k, k): v for k, v in held.items()}
+    names = [short.get(n, n) for n in names]
+    fd = clock.run("FD-digits", lambda: _fd(cells, reference, flow))
+
+    main_nfe = args.nfe[0]
+    best = clock.run("pictures", lambda: _pictures(args, flow, cells, files, noise, reference, main_nfe, out))
+    settings = {
+        "solver": gt_eval.manifest["solver"],
+        "rtol": gt_eval.manifest["rtol"],
+        "atol": gt_eval.manifest["atol"],
+        "nfe": gt_eval.nfe,
+        "gt_dir": str(cache / "gt-eval"),
+        "seed": args.seed,
+        "num": noise.shape[0],
+        "model": args.model,
+        "data_range": flow.data_range,
+        "bespoke_version": bespoke.__version__,
+    }
+    data = ev.eval_json(cells, settings, held)
+    data["fd_digits"] = fd
+    write_json_atomic(out / "results.json", data, "--out")
+    learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
+    report = _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval, held)
+    write_text_atomic(out / "report.md", report, "--out")
+
+    header = ev.header(args.model, flow, noise.shape[0], f"GT cache {cache / 'gt-eval'}", "cached", settings)
+    print(ev.table(cells, names, nfes, header, flow.data_range, held))
+    if fd is not None:
+        fds = ", ".join(f"{n} {fd[f'{n}@{main_nfe}']:.1f}" for n in (best, *LEARNED) if f"{n}@{main_nfe}" in fd)
+        print(f"\nFD-digits at NFE {main_nfe}: {fds} (ground truth {fd['ground truth']:.1f})")
+    print(
+        f"\nwrote {out}/: report.md, results.json, psnr_vs_nfe.png, samples.png, learned.png, "
+        f"{', '.join(f.name for f in files.values())} ({time.perf_counter() - t_start:.0f} s)"
+    )
+    return 0

@@ -1,0 +1,79 @@
+"""`bespoke info FILE`: what a solver file (or a GT cache directory) holds, without running anything.
+
+bespoke info bns.safetensors        NFEs, model fingerprint, training summary per solver
+bespoke info gt/                    pairs, model, seed, tolerances, trajectories
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bespoke
+from bespoke.solvers.files import load_solvers, read_metadata
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="print what a solver file or GT cache holds",
+        description="Validate a solver file (or GT cache directory) and print its metadata.",
+    )
+    p.add_argument("file", metavar="FILE", help="a solver file (*.safetensors) or a GT cache directory")
+    p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def _model_line(model: dict) -> str:
+    g = model.get("guidance")
+    guidance = f"guidance w={g['weight']:g} ({g['convention']})" if g else "no guidance"
+    fingerprint, path = model.get("fingerprint"), model.get("scheduler")
+    return f"model: {model.get('name')} (fingerprint {fingerprint}, path {path}, {guidance})"
+
+
+def _solver_lines(nfe: int, entry: dict) -> list[str]:
+    kind = entry["kind"]
+    extra = f", base {entry['base']} x {entry['steps']} steps" if "base" in entry else ""
+    if entry.get("sigma0", 1.0) != 1.0:
+        extra += f", preconditioning sigma0={entry['sigma0']:g}"
+    lines = [f"NFE {nfe}: {kind}, {entry.get('parameters')} parameters, init {entry.get('init')}{extra}"]
+    t = entry.get("training") or {}
+    if t:
+        lines.append(
+            f"  trained: validation PSNR {t['val_psnr_init']:.2f} -> {t['val_psnr']:.2f} dB on {t['val_pairs']} pairs; "
+            f"{t['iterations']} iterations on {t['train_pairs']} pairs ({t.get('objective')}), {t['seconds']:.0f} s"
+        )
+    lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry.get("times", [])))
+    return lines
+
+
+def _gt_lines(path: Path) -> tuple[list[str], dict]:
+    cache = bespoke.load_gt(path)
+    m = cache.manifest
+    traj = f", trajectories at {m['trajectory']} times" if m.get("trajectory") else ""
+    g = m.get("guidance")
+    return [
+        f"{path}: ground-truth cache, {len(cache)} pairs in {len(m['shards'])} shards of {m['shard_size']}{traj}",
+        f"model: {m['model']} (fingerprint {m['fingerprint']}, path {m['scheduler']}, "
+        + (f"guidance w={g['weight']:g} ({g['convention']}))" if g else "no guidance)"),
+        f"noise seed {m['seed']}, {m['dtype']}; labels: {'drawn from the seed' if m.get('labels') else 'none'}",
+        f"dopri5 rtol={m['rtol']:g} atol={m['atol']:g}, {cache.nfe} NFE per sample; "
+        f"{sum(s['seconds'] for s in m['shards']):.0f} s in all",
+    ], m
+
+
+def cmd_info(args) -> int:
+    path = Path(args.file)
+    if path.is_dir():
+        lines, meta = _gt_lines(path)
+    else:
+        load_solvers(path)  # validates every tensor, not only the metadata
+        meta = read_metadata(path)
+        lines = [
+            f"{path}: solver file v{meta['version']} (bespoke {meta.get('library_version')})",
+            _model_line(meta["model"]),
+        ]
+        for nfe in sorted(meta["solvers"], key=int):
+            lines += _solver_lines(int(nfe), meta["solvers"][nfe])
+    print(json.dumps(meta, indent=2) if args.json else "\n".join(lines))
+    return 0

@@ -1,0 +1,169 @@
+"""`bespoke train`: learn BNS or Bespoke (RK1/RK2) solvers for a model and write them to one file.
+
+    bespoke train --model zoo:digits-ot --solver bns --nfe 4,8,16 --out bns.safetensors
+                  [--gt GT_DIR] [--init SOLVER] [--precondition SIGMA0] [--resume]
+
+Validation pairs are the first --val-samples of the GT cache, training pairs the next --train-samples.
+Without --gt the pairs are made (or reused) in OUT.gt/. Every validation writes a checkpoint to
+OUT.ckpt/; a killed run continues with --resume and ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import bespoke
+from bespoke import BespokeError
+from bespoke.solvers.files import KINDS
+
+from .common import (
+    add_model_args,
+    add_run_args,
+    check_writable,
+    device,
+    finite_float,
+    int_list,
+    load_flow,
+    positive_float,
+    positive_int,
+    say,
+)
+
+TRAJECTORY = 65  # dense GT times per sample for the Bespoke kinds
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train BNS or Bespoke solvers and write a solver file",
+        description="Train a learned solver per NFE on ground-truth pairs and write them into one solver file "
+        "(safetensors + JSON metadata).",
+    )
+    add_model_args(p, labels=False)
+    p.add_argument("--solver", required=True, choices=list(KINDS), help="what to learn")
+    p.add_argument("--nfe", required=True, type=int_list, metavar="N,N,...", help="one solver per NFE, e.g. 4,8,16")
+    p.add_argument("--out", required=True, metavar="FILE", help="the solver file to write (*.safetensors)")
+    p.add_argument("--gt", metavar="GT_DIR", default=None, help="GT cache to train on (default: made in OUT.gt/)")
+    p.add_argument(
+        "--init",
+        default="auto",
+        metavar="SOLVER",
+        help="bns: auto (best dedicated solver), a solver name or KIND:FILE; bespoke-rk*: auto, identity or a "
+        "path name (condot, cosine, vp, edm)",
+    )
+    p.add_argument(
+        "--precondition", type=positive_float, default=1.0, metavar="SIGMA0", help="bns preconditioning σ₀ (default 1)"
+    )
+    p.add_argument("--loss", choices=("bound", "lte", "rmse"), default="bound", help="bespoke-rk* loss (default bound)")
+    p.add_argument("--val-samples", type=positive_int, default=256, help="validation pairs (default 256)")
+    p.add_argument(
+        "--train-samples", type=positive_int, default=None, help="training pairs (default 512; with --gt: the rest)"
+    )
+    p.add_argument("--iterations", type=positive_int, default=300, help="Adam iterations per solver (default 300)")
+    p.add_argument("--batch-size", type=positive_int, default=40, help="pairs per iteration (default 40)")
+    p.add_argument("--lr", type=finite_float, default=1e-2, help="peak learning rate (default 1e-2)")
+    p.add_argument("--force", action="store_true", help="use a GT cache or init file made for another model anyway")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
+    add_run_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def train_file(
+    flow,
+    kind: str,
+    nfes,
+    train,
+    val,
+    out,
+    *,
+    checkpoints,
+    init="auto",
+    sigma0=1.0,
+    loss="bound",
+    config=None,
+    device=None,
+    quiet=False,
+) -> list:
+    """Train one `kind` solver per NFE, checkpointing in `checkpoints/`, and write them all to `out`."""
+    solvers = []
+    Path(checkpoints).mkdir(parents=True, exist_ok=True)
+    for nfe in nfes:
+        ckpt = Path(checkpoints) / f"{kind}-nfe{nfe}.pt"
+        common = dict(config=config, checkpoint=ckpt, device=device, quiet=quiet)
+        if kind == "bns":
+            s = bespoke.train_bns(flow, train, val, nfe, init=init, sigma0=sigma0, **common)
+        else:
+            s = bespoke.train_bespoke(flow, train, val, nfe, order=int(kind[-1]), init=init, loss=loss, **common)
+        solvers.append(s.cpu())
+    bespoke.save_solvers(out, solvers, flow)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return solvers
+
+
+def summary_line(s) -> str:
+    t = s.training_summary
+    return (
+        f"{s.kind} NFE {s.nfe}: {t['val_psnr_init']:.2f} dB ({t['init']}) -> {t['val_psnr']:.2f} dB on "
+        f"{t['val_pairs']} validation pairs; {t['iterations']} iterations on {t['train_pairs']} pairs, "
+        f"{t['seconds']:.0f} s"
+    )
+
+
+def _pairs(args, flow, dev):
+    """(train, val) slices of the GT cache of --gt, or of OUT.gt/ made here."""
+    if args.gt is None:
+        num = args.val_samples + (512 if args.train_samples is None else args.train_samples)
+        trajectory = 0 if args.solver == "bns" else TRAJECTORY
+        gt_dir = f"{args.out}.gt"
+        say(args, f"ground truth: {num} pairs in {gt_dir} (reused when present) ...")
+        cache = bespoke.generate_gt(
+            flow, gt_dir, num=num, seed=args.seed, trajectory=trajectory, device=dev, quiet=args.quiet
+        )
+    else:
+        cache = bespoke.load_gt(args.gt, flow, force=args.force)
+    v = args.val_samples
+    stop = len(cache) if args.train_samples is None else v + args.train_samples
+    if stop > len(cache) or v >= len(cache):
+        raise BespokeError(
+            f"the GT cache {cache.path} holds {len(cache)} pairs, fewer than --val-samples {v} + --train-samples "
+            f"{stop - v if args.train_samples else 1}; extend it with `bespoke gt --num {max(stop, v + 1)} --out "
+            f"{cache.path}` (same model and seed) or ask for fewer"
+        )
+    return cache.slice(v, stop), cache.slice(0, v)
+
+
+def cmd_train(args) -> int:
+    t0 = time.perf_counter()
+    dev = device(args.device)
+    if args.solver != "bns" and args.precondition != 1.0:
+        raise BespokeError("--precondition applies to --solver bns only")
+    check_writable(args.out, "--out")
+    checkpoints = Path(f"{args.out}.ckpt")
+    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not args.resume:
+        raise BespokeError(
+            f"{checkpoints} holds checkpoints of an unfinished run: add --resume to continue it, or delete it"
+        )
+    flow = load_flow(args)
+    train, val = _pairs(args, flow, dev)
+    config = bespoke.FitConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    solvers = train_file(
+        flow,
+        args.solver,
+        args.nfe,
+        train,
+        val,
+        args.out,
+        checkpoints=checkpoints,
+        init=args.init,
+        sigma0=args.precondition,
+        loss=args.loss,
+        config=config,
+        device=dev,
+        quiet=args.quiet,
+    )
+    for s in solvers:
+        print(summary_line(s))
+    print(f"wrote {args.out} ({', '.join(f'NFE {s.nfe}' for s in solvers)}) in {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,229 @@
+"""Pictures: PSNR-vs-NFE curves, sample grids from the same noise, learned solver parameters.
+
+Each function draws one figure and writes it atomically (a temporary file in the same folder, then a
+rename), so an interrupted run never leaves half a PNG. matplotlib runs on the Agg backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import BespokeError
+from .metrics import psnr
+
+__all__ = ["psnr_vs_nfe", "image_grid", "sample_grid", "learned_parameters", "is_image"]
+
+_LEARNED_STYLES = (
+    {"color": "black", "marker": "*", "markersize": 13, "linewidth": 2.6},
+    {"color": "crimson", "marker": "D", "markersize": 8, "linewidth": 2.6},
+    {"color": "darkgoldenrod", "marker": "P", "markersize": 10, "linewidth": 2.6},
+)
+_DEDICATED_STYLE = {"linewidth": 1.2, "marker": ".", "markersize": 6, "alpha": 0.85}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    """Save `fig` to `path` through a temporary file in the same folder, then close it."""
+    path = Path(path)
+    plt = _pyplot()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    except OSError as e:
+        plt.close(fig)
+        raise BespokeError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=fig.dpi)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def is_image(shape) -> bool:
+    """Whether samples of this shape draw as pictures: (C, H, W) with 1 or 3 channels."""
+    return len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) >= 4
+
+
+def psnr_vs_nfe(results: list[dict], path, *, title: str, learned: tuple[str, ...] = ()) -> None:
+    """PSNR (dB) against NFE, one line per solver. results: eval-JSON entries (solver, nfe, psnr_db),
+    drawn at the NFE each really spent, ticks at the NFEs asked for; solvers named in `learned` bold."""
+    plt = _pyplot()
+    by: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        if math.isfinite(r["psnr_db"]):
+            by.setdefault(r["solver"], []).append((r["nfe"], r["psnr_db"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for name, points in by.items():
+        nfe, db = zip(*sorted(set(points)))
+        k = learned.index(name) if name in learned else -1
+        style = _LEARNED_STYLES[k % len(_LEARNED_STYLES)] if k >= 0 else _DEDICATED_STYLE
+        ax.plot(nfe, db, label=name + (" (learned)" if k >= 0 else ""), zorder=3 if k >= 0 else 2, **style)
+    nfes = sorted({r.get("requested_nfe", r["nfe"]) for r in results})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel("PSNR against ground truth [dB]")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _image(x: torch.Tensor, data_range: float):
+    """A (H, W[, 3]) array in [0, 1] from a (C, H, W) sample in [-data_range/2, data_range/2]."""
+    img = (x.detach().float().cpu() / data_range + 0.5).clamp(0, 1)
+    return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+
+
+def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, columns: int = 8) -> None:
+    """Samples as a grid of pictures (or, for 2-D samples, a scatter plot)."""
+    plt = _pyplot()
+    shape = tuple(samples.shape[1:])
+    if not is_image(shape):
+        if shape != (2,):
+            raise BespokeError(f"cannot draw samples of shape {shape}: need (C, H, W) images or 2-D points")
+        fig, ax = plt.subplots(figsize=(4.6, 4.6), dpi=110)
+        x = samples.detach().cpu()
+        ax.scatter(x[:, 0], x[:, 1], s=6)
+        ax.set_xlabel("x₁")
+        ax.set_ylabel("x₂")
+        ax.set_aspect("equal", adjustable="datalim")
+    else:
+        n = samples.shape[0]
+        cols = min(columns, n)
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.0 * cols + 0.2, 1.0 * rows + 0.6), dpi=110, squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            ax.set_axis_off()
+            if k < n:
+                ax.imshow(_image(samples[k], data_range), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def sample_grid(
+    rows: list[tuple[str, torch.Tensor]], path, *, reference: torch.Tensor, data_range: float, title: str
+) -> None:
+    """One row per solver (label, samples (n, *shape)) next to the `reference` row (ground truth),
+    all from the same noise; each image is captioned with its PSNR against the reference.
+    2-D samples are drawn as scatter panels instead, one per solver."""
+    plt = _pyplot()
+    shape = tuple(reference.shape[1:])
+    if not is_image(shape):
+        return _scatter_panels(rows, path, reference=reference, title=title)
+    n = reference.shape[0]
+    all_rows = [("ground truth (dopri5)", reference)] + rows
+    fig, axes = plt.subplots(
+        len(all_rows), n, figsize=(1.1 * n + 1.6, 1.35 * len(all_rows) + 0.5), dpi=110, squeeze=False
+    )
+    for i, (label, x) in enumerate(all_rows):
+        scores = psnr(x.to(reference.dtype), reference, data_range, reduction="none") if i else None
+        for j in range(n):
+            ax = axes[i, j]
+            ax.imshow(_image(x[j], data_range), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if scores is not None:
+                ax.set_xlabel(f"{float(scores[j]):.1f} dB", fontsize=8)
+        axes[i, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{title}\nsame noise in every column; caption: PSNR against ground truth", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _scatter_panels(rows, path, *, reference, title) -> None:
+    plt = _pyplot()
+    if reference.shape[1:] != (2,):
+        raise BespokeError(f"cannot draw samples of shape {tuple(reference.shape[1:])}: need (C, H, W) images or 2-D")
+    all_rows = [("ground truth (dopri5)", reference)] + rows
+    fig, axes = plt.subplots(1, len(all_rows), figsize=(3.4 * len(all_rows), 3.6), dpi=110, squeeze=False)
+    ref = reference.detach().cpu()
+    lo, hi = ref.min(0).values - 0.3, ref.max(0).values + 0.3
+    for ax, (label, x) in zip(axes[0], all_rows):
+        x = x.detach().cpu().to(ref.dtype)
+        if x is not reference:
+            for a, b in zip(ref, x):  # where each noise sample ended up, against its ground truth
+                ax.plot([a[0], b[0]], [a[1], b[1]], color="tab:red", linewidth=0.6, alpha=0.6)
+        ax.scatter(ref[:, 0], ref[:, 1], s=6, color="0.6", label="ground truth")
+        ax.scatter(x[:, 0], x[:, 1], s=6, color="tab:blue", label=label)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_xlabel("x₁")
+        ax.set_ylabel("x₂")
+    fig.suptitle(f"{title}\nsame noise in every panel; red: error against ground truth", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _coefficient_panel(ax, fig, m, title: str, lim: float) -> None:
+    """An [a | b] coefficient matrix (rows: steps; columns: x0, u_0..u_{n-1}), values written in."""
+    n = m.shape[0]
+    digits = 2 if lim >= 0.05 else 3
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    if n <= 10:
+        for i in range(n):
+            for j in range(i + 2):
+                dark = abs(m[i, j]) > 0.6 * lim
+                ax.text(j, i, f"{m[i, j]:.{digits}f}", ha="center", va="center", fontsize=6, color="w" if dark else "k")
+    ax.set_xticks(range(n + 1), ["x₀"] + [f"u{j}" for j in range(n)], fontsize=7)
+    ax.set_yticks(range(n), [str(i + 1) for i in range(n)], fontsize=7)
+    ax.set_xlabel("weight on")
+    ax.set_ylabel("step i+1")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+def learned_parameters(
+    reference: tuple[str, object], learned: list[tuple[str, object]], path, *, flow, title: str
+) -> None:
+    """What the learned solvers changed, against a `reference` solver of the same NFE (label, solver).
+
+    Panel 1: the steps of the time grids (where each solver evaluates the model). Panel 2: the reference's NS
+    coefficients x_(i+1) = a_i x0 + sum_j b_ij u_j ([BNS] Eq. 11). Then, per learned solver, its
+    coefficients minus the reference's: what learning moved, on one shared colour scale."""
+    plt = _pyplot()
+    ref_label, ref = reference[0], reference[1].to_ns(flow)
+    forms = [(label, s.to_ns(flow)) for label, s in learned]
+    fig, axes = plt.subplots(1, 2 + len(forms), figsize=(4.6 + 4.3 * (1 + len(forms)), 4.3), dpi=110, squeeze=False)
+    ax = axes[0, 0]
+    for label, ns in [(ref_label, ref), *forms]:
+        h = ns.times.diff().tolist()
+        ax.plot(range(len(h)), h, marker="o", markersize=4, label=label)
+    ax.set_xlabel("step i")
+    ax.set_ylabel("hᵢ = tᵢ₊₁ − tᵢ (t: 0 = noise, 1 = data)")
+    ax.set_title("time steps between model evaluations", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    def matrix(ns):
+        return torch.cat([ns.a[:, None], ns.b], dim=1).numpy()
+
+    base = matrix(ref)
+    _coefficient_panel(axes[0, 1], fig, base, f"{ref_label}: a_i, b_ij", float(abs(base[:, 1:]).max()) or 1.0)
+    deltas = [(label, matrix(ns) - base) for label, ns in forms if ns.nfe == ref.nfe]
+    lim = max([float(abs(d).max()) for _, d in deltas] + [1e-6])
+    for ax, (label, d) in zip(axes[0, 2:], deltas):
+        _coefficient_panel(ax, fig, d, f"{label} − {ref_label}", lim)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
