@@ -396,7 +396,7 @@ def test_eval_cli_scores_a_solver_file_like_the_python_api(flow, trained, tmp_pa
     ]
     assert cli.main(argv) == 0
     table = capsys.readouterr().out
-    assert str(path) in table and "the NFEs in the file: 4, 8" in table  # NFE 6 is not in the file
+    assert str(path) in table and "the file holds NFE 4, 8" in table  # NFE 6 is not in the file
     rows = {(r["solver"], r["nfe"]): r for r in json.loads(out.read_text())["results"]}
     noise = bespoke.draw_noise((2,), 64, 0, dtype=F64)
     labels = draw_labels(64, flow.num_classes, 0)

@@ -166,7 +166,7 @@ BAD_INPUT = {
     "json-no-dir": (["--solvers", "euler", "--nfe", "4", "--json", "{tmp}/missing/o.json"], ["--json", "missing"]),
     "json-under-file": (["--solvers", "euler", "--nfe", "4", "--json", "{tmp}/a-file/o.json"], ["--json", "a-file"]),
     "json-is-dir": (["--solvers", "euler", "--nfe", "4", "--json", "{tmp}"], ["--json", "directory"]),
-    "guidance-no-labels": (["--solvers", "euler", "--nfe", "4", "--guidance", "1.5"], ["guidance", "--labels"]),
+    "bad-labels": (["--solvers", "euler", "--nfe", "4", "--labels", "x"], ["--labels", "random"]),
     "bad-label": (["--solvers", "euler", "--nfe", "4", "--labels", "9"], ["--labels", "0..2"]),
     "bad-rtol": (["--solvers", "euler", "--nfe", "4", "--rtol", "-1"], ["--rtol"]),
     "bad-path": (["--solvers", "euler", "--nfe", "4", "--path", "nosuch"], ["--path", "condot"]),

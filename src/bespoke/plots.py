@@ -23,6 +23,7 @@ _LEARNED_STYLES = (
     {"color": "crimson", "marker": "D", "markersize": 8, "linewidth": 2.6},
     {"color": "darkgoldenrod", "marker": "P", "markersize": 10, "linewidth": 2.6},
 )
+_PSNR_SPAN = 45.0  # dB shown below the best value in PSNR-vs-NFE plots
 _DEDICATED_STYLE = {"linewidth": 1.2, "marker": ".", "markersize": 6, "alpha": 0.85}
 
 
@@ -69,11 +70,16 @@ def psnr_vs_nfe(results: list[dict], path, *, title: str, learned: tuple[str, ..
         if math.isfinite(r["psnr_db"]):
             by.setdefault(r["solver"], []).append((r["nfe"], r["psnr_db"]))
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    top = max(db for points in by.values() for _, db in points)
+    floor = min(db for points in by.values() for _, db in points)
+    floor = max(floor, top - _PSNR_SPAN)  # a diverging solver must not squash everyone else
     for name, points in by.items():
         nfe, db = zip(*sorted(set(points)))
         k = learned.index(name) if name in learned else -1
         style = _LEARNED_STYLES[k % len(_LEARNED_STYLES)] if k >= 0 else _DEDICATED_STYLE
-        ax.plot(nfe, db, label=name + (" (learned)" if k >= 0 else ""), zorder=3 if k >= 0 else 2, **style)
+        label = name + (" (learned)" if k >= 0 else "") + (" (partly below)" if min(db) < floor else "")
+        ax.plot(nfe, db, label=label, zorder=3 if k >= 0 else 2, **style)
+    ax.set_ylim(floor - 2, top + 3)
     nfes = sorted({r.get("requested_nfe", r["nfe"]) for r in results})
     ax.set_xscale("log", base=2)
     ax.set_xticks(nfes, [str(n) for n in nfes])

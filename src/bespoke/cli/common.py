@@ -118,7 +118,7 @@ def add_model_args(p, *, labels: bool = True) -> None:
             default=None,
             metavar="K|random",
             help="class label K for every sample, or 'random' (labels drawn from the seed); "
-            "class-conditional models default to random",
+            "default: none, or random for a model that samples with guidance",
         )
 
 
@@ -166,18 +166,18 @@ def load_flow(args):
 def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None]:
     """The `labels` keyword for `num` samples from `start`, and how to describe it (None when unconditional).
 
-    A class-conditional model gets labels drawn from --seed when --labels is not given."""
+    Without --labels a model runs unconditionally, unless it samples with guidance, which needs
+    labels: then they are drawn from --seed (as GT caches draw them)."""
     choice = getattr(args, "labels", None)
     if choice is None:
-        if flow.num_classes is not None and "labels" in flow.cond_keys:
-            choice = "random"
-        elif flow.guidance is not None:
+        if flow.guidance is None:
+            return {}, None
+        if flow.num_classes is None or "labels" not in flow.cond_keys:
             raise BespokeError(
                 f"{args.model} samples with guidance (w={flow.guidance.weight:g}), which needs class labels: "
-                "add --labels K (one class for all) or --labels random"
+                "add --labels K (one class for all)"
             )
-        else:
-            return {}, None
+        choice = "random"
     if "labels" not in flow.cond_keys:
         raise BespokeError(f"--labels: {args.model} is not class-conditional (it takes no labels)")
     n = flow.num_classes
@@ -192,10 +192,9 @@ def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None
 
 def solver_names(text: str) -> list[str]:
     """Built-in names ('all' = every one) and solver files, in order, without repeats."""
-    if text.strip() == "all":
-        return list(bespoke.SOLVER_NAMES)
     names = []
-    for name in (n.strip() for n in text.split(",")):
+    items = [n.strip() for n in text.split(",")]
+    for name in [m for n in items for m in (bespoke.SOLVER_NAMES if n == "all" else [n])]:
         if name not in bespoke.SOLVER_NAMES and not is_solver_file(name):
             raise BespokeError(
                 f"unknown solver {name!r}; valid names: {', '.join(bespoke.SOLVER_NAMES)} "

@@ -347,7 +347,14 @@ def cmd_demo(args) -> int:
     report = _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval, held)
     write_text_atomic(out / "report.md", report, "--out")
 
-    header = ev.header(args.model, flow, noise.shape[0], f"GT cache {cache / 'gt-eval'}", "cached", settings)
+    header = ev.header(
+        args.model,
+        flow,
+        noise.shape[0],
+        f"GT cache {cache / 'gt-eval'}",
+        f"from the GT cache (seed {args.seed})",
+        settings,
+    )
     print(ev.table(cells, names, nfes, header, flow.data_range, held))
     if fd is not None:
         fds = ", ".join(f"{n} {fd[f'{n}@{main_nfe}']:.1f}" for n in (best, *LEARNED) if f"{n}@{main_nfe}" in fd)

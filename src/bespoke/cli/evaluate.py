@@ -114,7 +114,11 @@ def table(cells: list[Cell], names: list[str], nfes: list[int], header: str, dat
         missing = [c for c in mine if c.run_at is None]
         if missing:
             asked = ", ".join(str(c.requested) for c in missing)
-            notes.append(f"- {name} at NFE {asked}: no valid NFE at or below; it takes {nfe_rule(name, files)}")
+            if files and name in files:
+                held = ", ".join(map(str, files[name]))
+                notes.append(f"- {name} at NFE {asked}: the file holds NFE {held} (train others with `bespoke train`)")
+            else:
+                notes.append(f"- {name} at NFE {asked}: no valid NFE at or below; it takes {nfe_rule(name, files)}")
         for c in mine:
             if c.error is not None:
                 notes.append(f"err {name} at NFE {c.requested}: {c.error}")
@@ -200,7 +204,7 @@ def _reference(args, flow, dev):
         cache = cache.slice(0, num)
         noise = cache.noise.to(dev, torch.float64)
         cond = {k: v.to(dev) for k, v in cache.cond().items()}
-        labels = None if cache.labels is None else f"cached (seed {cache.manifest['seed']})"
+        labels = None if cache.labels is None else f"from the GT cache (seed {cache.manifest['seed']})"
         m = cache.manifest
         settings = {
             "solver": m["solver"],
@@ -231,7 +235,9 @@ def header(model: str, flow, num: int, where: str, labels: str | None, gt: dict)
         parts.append(f"guidance w={g.weight:g} ({g.convention}: {GUIDANCE_CONVENTIONS[g.convention].split('  ')[0]})")
     if labels is not None:
         parts.append(f"labels {labels}")
-    nfe = gt["nfe"] if isinstance(gt["nfe"], int) else f"{min(gt['nfe'])}-{max(gt['nfe'])}"  # a cache: per shard
+    nfe = gt["nfe"]
+    if not isinstance(nfe, int):  # a GT cache: one count per shard
+        nfe = min(nfe) if min(nfe) == max(nfe) else f"{min(nfe)}-{max(nfe)}"
     parts.append(f"ground truth: {gt['solver']} rtol={gt['rtol']:g} atol={gt['atol']:g}, {nfe} NFE per sample")
     return " | ".join(parts)
 

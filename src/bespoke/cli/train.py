@@ -88,7 +88,6 @@ def train_file(
 ) -> list:
     """Train one `kind` solver per NFE, checkpointing in `checkpoints/`, and write them all to `out`."""
     solvers = []
-    Path(checkpoints).mkdir(parents=True, exist_ok=True)
     for nfe in nfes:
         ckpt = Path(checkpoints) / f"{kind}-nfe{nfe}.pt"
         common = dict(config=config, checkpoint=ckpt, device=device, quiet=quiet)

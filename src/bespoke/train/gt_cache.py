@@ -279,7 +279,7 @@ def _check_flow(out: Path, manifest: dict, flow, force: bool) -> None:
         if not force:
             raise BespokeError(
                 f"{msg}; load it with the model it was made for, make a cache for this one with "
-                "`bespoke gt`, or pass force=True"
+                "`bespoke gt`, or pass force=True (--force)"
             )
         warnings.warn(f"{msg} (loaded anyway: force=True)", stacklevel=3)
 

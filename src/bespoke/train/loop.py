@@ -85,6 +85,7 @@ def batch_indices(num: int, batch_size: int, seed: int, it: int) -> torch.Tensor
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp)
     os.replace(tmp, path)
 

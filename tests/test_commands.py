@@ -1,0 +1,438 @@
+"""`bespoke gt`, `train`, `sample`, `info` and model specs, driven through the command line.
+
+Most runs go through `cli.main` in-process (what `python -m bespoke` calls) on the analytic 2-D
+mixture; one module-scoped chain makes a GT cache and a solver file that the other tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bespoke
+from bespoke import cli
+from bespoke.noise import draw_noise
+
+MODEL = ["--model", "zoo:gmm2d"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(result, *words) -> None:
+    rc, out, err = result
+    assert rc == 2, (out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bespoke: error: "), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A GT cache with trajectories and a BNS file (NFE 4 and 6) and an RK2 file (NFE 4) for zoo:gmm2d."""
+    tmp = tmp_path_factory.mktemp("commands")
+    gt, bns, rk2 = tmp / "gt", tmp / "bns.safetensors", tmp / "rk2.safetensors"
+    common = [*MODEL, "--gt", gt, "--val-samples", "16", "--iterations", "6", "--quiet"]
+    steps = [
+        ["gt", *MODEL, "--num", "48", "--out", gt, "--trajectory", "9", "--shard-size", "16", "--quiet"],
+        ["train", *common, "--solver", "bns", "--nfe", "4,6", "--out", bns],
+        ["train", *common, "--solver", "bespoke-rk2", "--nfe", "4", "--out", rk2],
+    ]
+    logs = []
+    for argv in steps:
+        assert cli.main([str(a) for a in argv]) == 0, argv
+        logs.append(argv)
+    return {"tmp": tmp, "gt": gt, "bns": bns, "rk2": rk2}
+
+
+def test_gt_then_train_writes_valid_solver_files(made):
+    cache = bespoke.load_gt(made["gt"], bespoke.load_model("zoo:gmm2d"))
+    assert len(cache) == 48 and cache.trajectory_states is not None
+    bns = bespoke.load_solvers(made["bns"], flow=bespoke.load_model("zoo:gmm2d"))
+    assert sorted(bns) == [4, 6]
+    assert bns[4].training_summary["val_pairs"] == 16 and bns[4].training_summary["train_pairs"] == 32
+    assert sorted(bespoke.load_solvers(made["rk2"])) == [4]
+    leftovers = [p.name for p in made["tmp"].iterdir() if p.name.endswith((".tmp", ".ckpt"))]
+    assert leftovers == []  # checkpoints removed after success, no temporary files
+
+
+def test_info_prints_nfes_fingerprint_and_training(made, capsys):
+    flow = bespoke.load_model("zoo:gmm2d")
+    rc, out, _ = run(capsys, "info", made["bns"])
+    assert rc == 0
+    assert "NFE 4: bns" in out and "NFE 6: bns" in out
+    assert flow.fingerprint in out and "validation PSNR" in out and "on 16 pairs" in out
+    rc, out, _ = run(capsys, "info", made["bns"], "--json")
+    assert rc == 0 and sorted(json.loads(out)["solvers"]) == ["4", "6"]
+    rc, out, _ = run(capsys, "info", made["gt"])
+    assert rc == 0 and "48 pairs" in out and "trajectories at 9 times" in out and flow.fingerprint in out
+
+
+@pytest.mark.parametrize("solver", ["dpm++2m", "bns"])
+def test_sample_same_seed_any_batch_size(made, solver, capsys, tmp_path):
+    name = made["bns"] if solver == "bns" else solver
+    outs = []
+    for batch in (7, 64):
+        out = tmp_path / f"s{batch}.safetensors"
+        rc, _, err = run(
+            capsys,
+            "sample",
+            *MODEL,
+            "--solver",
+            name,
+            "--nfe",
+            "4",
+            "--num",
+            "20",
+            "--seed",
+            "5",
+            "--batch-size",
+            batch,
+            "--dtype",
+            "float64",
+            "--labels",
+            "random",
+            "--out",
+            out,
+            "--quiet",
+        )
+        assert rc == 0, err
+        outs.append(load_file(out))
+    a, b = outs
+    assert torch.equal(a["samples"], b["samples"]) and torch.equal(a["noise"], b["noise"])
+    assert torch.equal(a["labels"], b["labels"])
+    flow = bespoke.load_model("zoo:gmm2d")
+    noise = draw_noise(flow.sample_shape, 20, 5, dtype=torch.float64)
+    assert torch.equal(a["noise"], noise)
+    s = bespoke.load_solver(made["bns"], 4) if solver == "bns" else bespoke.solver(solver, 4)
+    with torch.no_grad():
+        direct = s.sample(flow, noise, labels=a["labels"])
+    torch.testing.assert_close(a["samples"], direct, rtol=0, atol=1e-12)
+
+
+def test_sample_from_noise_file_and_grid(made, capsys, tmp_path):
+    noise_file, out, grid = tmp_path / "n.safetensors", tmp_path / "o.safetensors", tmp_path / "g.png"
+    save_file({"noise": torch.randn(6, 2, dtype=torch.float64), "labels": torch.arange(6) % 3}, str(noise_file))
+    rc, stdout, err = run(
+        capsys,
+        "sample",
+        *MODEL,
+        "--solver",
+        made["rk2"],
+        "--noise",
+        noise_file,
+        "--out",
+        out,
+        "--grid",
+        grid,
+        "--quiet",
+    )
+    assert rc == 0, err
+    got = load_file(out)
+    assert got["samples"].shape == (6, 2) and got["samples"].dtype == torch.float32
+    assert torch.equal(got["labels"], torch.arange(6) % 3)
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "6 samples" in stdout and "NFE 4" in stdout
+
+
+def test_model_specs_python_file_and_module(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodel.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class Net(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.lin = torch.nn.Linear(2, 2)
+
+                def forward(self, x, t):
+                    return self.lin(x)
+
+            def make():
+                torch.manual_seed(0)
+                return Net().double(), {"prediction": "velocity", "scheduler": "condot", "sample_shape": (2,)}
+
+            def make_flow():
+                return bespoke.load_model("zoo:gmm2d")
+
+            import bespoke
+            """
+        )
+    )
+    spec = f"python:{tmp_path / 'mymodel.py'}:make"
+    a, b = bespoke.load_model(spec), bespoke.load_model(spec)
+    assert a.fingerprint is not None and a.fingerprint == b.fingerprint  # same weights, same fingerprint
+    assert a.name == spec and a.sample_shape == (2,)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert bespoke.load_model("mymodel:make").fingerprint == a.fingerprint
+    assert bespoke.load_model("mymodel:make_flow").fingerprint == bespoke.load_model("zoo:gmm2d").fingerprint
+    rc, out, err = run(capsys, "eval", "--model", spec, "--solvers", "euler", "--nfe", "4", "--num", "8", "--quiet")
+    assert rc == 0, err and "euler" in out
+
+
+def _corrupt(path):
+    path.write_bytes(b"\x00garbage" * 10)
+    return path
+
+
+BAD = {
+    # name: (argv after the command, words the one-line error must hold)
+    "unknown-model": (
+        [
+            "sample",
+            "--model",
+            "zoo:nosuch",
+            "--solver",
+            "euler",
+            "--nfe",
+            "4",
+            "--num",
+            "2",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        ["zoo:nosuch", "zoo:gmm2d"],
+    ),
+    "missing-python-file": (
+        [
+            "sample",
+            "--model",
+            "python:{tmp}/none.py:make",
+            "--solver",
+            "euler",
+            "--nfe",
+            "4",
+            "--num",
+            "2",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        ["none.py", "no such file"],
+    ),
+    "missing-module": (
+        [
+            "sample",
+            "--model",
+            "nosuchmodule:make",
+            "--solver",
+            "euler",
+            "--nfe",
+            "4",
+            "--num",
+            "2",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        ["nosuchmodule", "python:FILE.py:FUNC"],
+    ),
+    "unknown-solver": (
+        [*["sample", *MODEL], "--solver", "nosuch", "--nfe", "4", "--num", "2", "--out", "{tmp}/o.safetensors"],
+        ["nosuch", "dpm++2m"],
+    ),
+    "solver-needs-nfe": (
+        [*["sample", *MODEL], "--solver", "rk4", "--nfe", "6", "--num", "2", "--out", "{tmp}/o.safetensors"],
+        ["rk4", "NFE 6", "--nfe 4"],
+    ),
+    "file-for-another-model": (
+        [
+            *["sample", *MODEL],
+            "--path",
+            "cosine",
+            "--solver",
+            "{bns}",
+            "--nfe",
+            "4",
+            "--num",
+            "2",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        ["bns.safetensors", "fingerprint"],
+    ),
+    "nfe-not-in-file": (
+        [*["sample", *MODEL], "--solver", "{bns}", "--nfe", "5", "--num", "2", "--out", "{tmp}/o.safetensors"],
+        ["no solver for NFE 5", "NFE 4, 6"],
+    ),
+    "file-needs-nfe": (
+        [*["sample", *MODEL], "--solver", "{bns}", "--num", "2", "--out", "{tmp}/o.safetensors"],
+        ["NFE 4, 6", "--nfe"],
+    ),
+    "bad-noise-shape": (
+        [
+            *["sample", *MODEL],
+            "--solver",
+            "euler",
+            "--nfe",
+            "4",
+            "--noise",
+            "{wrong_noise}",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        ["'noise'", "(batch, 2)"],
+    ),
+    "unwritable-out": (
+        [*["sample", *MODEL], "--solver", "euler", "--nfe", "4", "--num", "2", "--out", "{tmp}/missing/o.safetensors"],
+        ["--out", "missing"],
+    ),
+    "corrupt-solver-file": (
+        [*["sample", *MODEL], "--solver", "{corrupt}", "--nfe", "4", "--num", "2", "--out", "{tmp}/o.safetensors"],
+        ["corrupt.safetensors", "not a valid"],
+    ),
+    "corrupt-info": (["info", "{corrupt}"], ["corrupt.safetensors", "not a valid"]),
+    "eval-gt-other-model": (
+        ["eval", *MODEL, "--path", "cosine", "--gt", "{gt}", "--solvers", "euler", "--nfe", "4"],
+        ["{gt}", "fingerprint"],
+    ),
+    "train-gt-without-trajectories": (
+        [
+            "train",
+            *MODEL,
+            "--solver",
+            "bespoke-rk2",
+            "--nfe",
+            "4",
+            "--gt",
+            "{gt_plain}",
+            "--val-samples",
+            "8",
+            "--out",
+            "{tmp}/r.safetensors",
+        ],
+        ["trajectories", "--trajectory"],
+    ),
+    "train-gt-too-small": (
+        [
+            "train",
+            *MODEL,
+            "--solver",
+            "bns",
+            "--nfe",
+            "4",
+            "--gt",
+            "{gt_plain}",
+            "--val-samples",
+            "8",
+            "--train-samples",
+            "100",
+            "--out",
+            "{tmp}/r.safetensors",
+        ],
+        ["holds 16 pairs", "bespoke gt --num 108"],
+    ),
+    "train-precondition-bespoke": (
+        [
+            "train",
+            *MODEL,
+            "--solver",
+            "bespoke-rk1",
+            "--nfe",
+            "4",
+            "--precondition",
+            "2",
+            "--out",
+            "{tmp}/r.safetensors",
+        ],
+        ["--precondition", "bns"],
+    ),
+    "demo-out-under-file": (["demo", *MODEL, "--fast", "--out", "{tmp}/a-file/demo"], ["--out", "a-file"]),
+    "sample-labels-out-of-range": (
+        [
+            *["sample", *MODEL],
+            "--solver",
+            "euler",
+            "--nfe",
+            "4",
+            "--num",
+            "2",
+            "--labels",
+            "7",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        ["--labels 7", "0..2"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(made):
+    tmp = made["tmp"] / "bad"
+    tmp.mkdir()
+    (tmp / "a-file").write_text("x")
+    save_file({"noise": torch.randn(3, 5)}, str(tmp / "wrong.safetensors"))
+    assert cli.main(["gt", *MODEL, "--num", "16", "--shard-size", "16", "--out", str(tmp / "gt-plain"), "--quiet"]) == 0
+    return {
+        "tmp": tmp,
+        "bns": made["bns"],
+        "gt": made["gt"],
+        "gt_plain": tmp / "gt-plain",
+        "wrong_noise": tmp / "wrong.safetensors",
+        "corrupt": _corrupt(tmp / "corrupt.safetensors"),
+    }
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_files, capsys):
+    argv, words = BAD[case]
+    fill = {k: str(v) for k, v in bad_files.items()}
+    before = sorted(p.name for p in bad_files["tmp"].iterdir())
+    one_line_error(run(capsys, *[a.format(**fill) for a in argv]), *[w.format(**fill) for w in words])
+    assert sorted(p.name for p in bad_files["tmp"].iterdir()) == before  # no output, no temporary file
+
+
+def test_train_refuses_to_overwrite_unfinished_checkpoints_without_resume(made, capsys, tmp_path):
+    out = tmp_path / "s.safetensors"
+    (tmp_path / "s.safetensors.ckpt").mkdir()
+    (tmp_path / "s.safetensors.ckpt" / "bns-nfe4.pt").write_bytes(b"x")
+    argv = ["train", *MODEL, "--solver", "bns", "--nfe", "4", "--gt", made["gt"], "--val-samples", "16", "--out", out]
+    one_line_error(run(capsys, *argv), "unfinished run", "--resume")
+    assert not out.exists()
+
+
+def test_train_resume_matches_an_uninterrupted_run(made, capsys, tmp_path, monkeypatch):
+    """Kill training at its second NFE, resume with --resume: the file equals an uninterrupted run's."""
+    argv = [
+        "train",
+        *MODEL,
+        "--solver",
+        "bns",
+        "--nfe",
+        "4,6",
+        "--gt",
+        made["gt"],
+        "--val-samples",
+        "16",
+        "--iterations",
+        "6",
+        "--quiet",
+    ]
+    real = bespoke.train_bns
+    calls = []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bespoke, "train_bns", dies_on_second)
+    rc, _, err = run(capsys, *argv, "--out", tmp_path / "k.safetensors")
+    assert rc == 130 and "resume" in err and not (tmp_path / "k.safetensors").exists()
+    assert (tmp_path / "k.safetensors.ckpt" / "bns-nfe4.pt").exists()
+    monkeypatch.setattr(bespoke, "train_bns", real)
+    assert run(capsys, *argv, "--out", tmp_path / "k.safetensors", "--resume")[0] == 0
+    resumed, whole = load_file(tmp_path / "k.safetensors"), load_file(made["bns"])
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(resumed[k], whole[k]), k

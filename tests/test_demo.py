@@ -1,0 +1,121 @@
+"""`bespoke demo --fast` end to end on the analytic model, as a user runs it (a subprocess), and
+`bespoke eval` on the same solvers and noise giving the numbers of its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import bespoke
+
+FILES = (
+    "report.md",
+    "results.json",
+    "psnr_vs_nfe.png",
+    "samples.png",
+    "learned.png",
+    "bns.safetensors",
+    "bespoke-rk2.safetensors",
+)
+
+
+def _bespoke(*argv, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "BESPOKE_DEBUG"}
+    p = subprocess.run(
+        [sys.executable, "-m", "bespoke", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    first = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", cwd=tmp)
+    assert first[0] == 0, first[2]
+    solvers = ",".join(["all", "d/bns.safetensors", "d/bespoke-rk2.safetensors"])
+    common = ["eval", "--model", "zoo:gmm2d", "--solvers", solvers, "--nfe", "4,8,16", "--quiet"]
+    with_gt = _bespoke(*common, "--gt", "d/cache/gt-eval", "--json", "gt.json", cwd=tmp)
+    with_seed = _bespoke(*common, "--num", "64", "--seed", "0", "--labels", "random", "--json", "seed.json", cwd=tmp)
+    again = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", "--quiet", cwd=tmp)
+    return {"tmp": tmp, "first": first, "with_gt": with_gt, "with_seed": with_seed, "again": again}
+
+
+def _field(path, key: str) -> dict[tuple[str, int], float]:
+    """`key` of every eval-JSON result, by (solver file stem or name, requested NFE)."""
+    data = json.loads(path.read_text())
+    return {
+        (os.path.basename(r["solver"]).removesuffix(".safetensors"), r["requested_nfe"]): r[key]
+        for r in data["results"]
+    }
+
+
+def _psnr(path) -> dict[tuple[str, int], float]:
+    return _field(path, "psnr_db")
+
+
+def test_demo_writes_every_file(demo):
+    out = demo["tmp"] / "d"
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in FILES:
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    rc, stdout, stderr = demo["first"]
+    assert "%|" in stderr  # progress bars
+    assert "bns" in stdout and "bespoke-rk2" in stdout and "PSNR (dB)" in stdout
+    report = (out / "report.md").read_text()
+    for part in (
+        "## PSNR against ground truth",
+        "## Learned solvers",
+        "## Timings",
+        "psnr_vs_nfe.png",
+        "samples.png",
+        "learned.png",
+        "bespoke sample --model zoo:gmm2d",
+    ):
+        assert part in report
+
+
+def test_report_numbers_equal_eval_on_the_same_noise(demo):
+    rc, _, err = demo["with_gt"]
+    assert rc == 0, err
+    mine = _psnr(demo["tmp"] / "d" / "results.json")
+    theirs = _psnr(demo["tmp"] / "gt.json")
+    assert mine.keys() == theirs.keys()
+    assert {k for k in mine if k[0] in ("bns", "bespoke-rk2")} == {("bns", 8), ("bespoke-rk2", 8)}
+    assert mine == theirs  # bit for bit: the same solvers, noise and ground truth
+    report = (demo["tmp"] / "d" / "report.md").read_text()
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in (*bespoke.SOLVER_NAMES, "bns", "bespoke-rk2") and "." in line:
+            rows.setdefault(cells[0], cells[1:])  # the first table is PSNR
+    for (name, nfe), value in theirs.items():
+        assert rows[name][[4, 8, 16].index(nfe)].rstrip("*") == f"{value:.2f}", (name, nfe)
+
+
+def test_eval_from_the_seed_agrees_with_the_cached_ground_truth(demo):
+    """The demo's evaluation pairs are `--num 64 --seed 0 --labels random`: a fresh dopri5 solve of the same
+    noise agrees to the ground truth's own accuracy (dopri5's step control sees the whole batch there and
+    shards of 32 in the cache), so every solver's RMSE moves by at most that much (triangle inequality)."""
+    rc, _, err = demo["with_seed"]
+    assert rc == 0, err
+    cached, fresh = _field(demo["tmp"] / "gt.json", "rmse"), _field(demo["tmp"] / "seed.json", "rmse")
+    assert cached.keys() == fresh.keys()
+    for k in cached:
+        assert fresh[k] == pytest.approx(cached[k], abs=2e-4), k
+
+
+def test_rerun_reuses_ground_truth_and_solvers(demo):
+    rc, stdout, stderr = demo["again"]
+    assert rc == 0, stderr
+    assert stderr == ""  # --quiet
+    report = (demo["tmp"] / "d" / "report.md").read_text()
+    assert re.search(r"\| train BNS \| cached \|", report) and re.search(r"\| train RK2-Bespoke \| cached \|", report)
+    assert _psnr(demo["tmp"] / "d" / "results.json") == _psnr(demo["tmp"] / "gt.json")
