@@ -19,7 +19,7 @@ def _code_blocks(text: str) -> list[str]:
 def test_ci_runs_the_readme_test_command():
     blocks = _code_blocks((ROOT / "README.md").read_text())
     main_job, tests = blocks[0], blocks[1]
-    assert main_job.startswith("pip install -e . && bespoke eval ")
+    assert main_job == "pip install -e . && bespoke demo"
     assert tests == TEST_COMMAND
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci

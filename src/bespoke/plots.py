@@ -129,30 +129,41 @@ def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, co
 def sample_grid(
     rows: list[tuple[str, torch.Tensor]], path, *, reference: torch.Tensor, data_range: float, title: str
 ) -> None:
-    """One row per solver (label, samples (n, *shape)) next to the `reference` row (ground truth),
-    all from the same noise; each image is captioned with its PSNR against the reference.
+    """The `reference` row (ground truth), then per solver (label, samples (n, *shape)) its samples
+    captioned with their PSNR against the reference and, under them, its error |x - reference| on
+    one colour scale shared by all solvers; all from the same noise.
     2-D samples are drawn as scatter panels instead, one per solver."""
     plt = _pyplot()
     shape = tuple(reference.shape[1:])
     if not is_image(shape):
         return _scatter_panels(rows, path, reference=reference, title=title)
     n = reference.shape[0]
-    all_rows = [("ground truth (dopri5)", reference)] + rows
-    fig, axes = plt.subplots(
-        len(all_rows), n, figsize=(1.1 * n + 1.6, 1.35 * len(all_rows) + 0.5), dpi=110, squeeze=False
-    )
-    for i, (label, x) in enumerate(all_rows):
-        scores = psnr(x.to(reference.dtype), reference, data_range, reduction="none") if i else None
+    ref = reference.detach().cpu().double()
+    errors = [(x.detach().cpu().double() - ref).abs().mean(1) for _, x in rows]  # (n, H, W), mean over channels
+    top = max(float(e.max()) for e in errors) or 1.0
+    grid = [("ground truth (dopri5)", "image", ref, None)]
+    for (label, x), err in zip(rows, errors):
+        grid.append((label, "image", x.detach().cpu().double(), psnr(x.to(ref.dtype), reference, data_range, "none")))
+        grid.append((f"|error| ({label.split(' ')[0]})", "error", err, None))
+    fig, axes = plt.subplots(len(grid), n, figsize=(1.1 * n + 1.9, 1.3 * len(grid) + 0.6), dpi=110, squeeze=False)
+    for i, (label, kind, x, scores) in enumerate(grid):
         for j in range(n):
             ax = axes[i, j]
-            ax.imshow(_image(x[j], data_range), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if kind == "image":
+                ax.imshow(_image(x[j], data_range), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                im = ax.imshow(x[j].numpy(), cmap="magma", vmin=0, vmax=top, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if scores is not None:
                 ax.set_xlabel(f"{float(scores[j]):.1f} dB", fontsize=8)
         axes[i, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{title}\nsame noise in every column; caption: PSNR against ground truth", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.17, right=0.9, top=0.9, bottom=0.03, wspace=0.08, hspace=0.35)
+    fig.colorbar(im, cax=fig.add_axes((0.92, 0.25, 0.012, 0.45)), label="|error| (data units)")
+    fig.suptitle(
+        f"{title}\nsame noise in every column; caption: PSNR against ground truth; error rows share one scale",
+        fontsize=10,
+    )
     _save(fig, path)
 
 
