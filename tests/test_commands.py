@@ -7,6 +7,7 @@ mixture; one module-scoped chain makes a GT cache and a solver file that the oth
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 
 import pytest
@@ -346,6 +347,7 @@ BAD = {
         ["--precondition", "bns"],
     ),
     "demo-out-under-file": (["demo", *MODEL, "--fast", "--out", "{tmp}/a-file/demo"], ["--out", "a-file"]),
+    "corrupt-gt-shard": (["eval", *MODEL, "--gt", "{gt_bad}", "--solvers", "euler", "--nfe", "4"], ["gt-bad", "shard"]),
     "sample-labels-out-of-range": (
         [
             *["sample", *MODEL],
@@ -372,8 +374,12 @@ def bad_files(made):
     (tmp / "a-file").write_text("x")
     save_file({"noise": torch.randn(3, 5)}, str(tmp / "wrong.safetensors"))
     assert cli.main(["gt", *MODEL, "--num", "16", "--shard-size", "16", "--out", str(tmp / "gt-plain"), "--quiet"]) == 0
+    shutil.copytree(tmp / "gt-plain", tmp / "gt-bad")
+    shard = sorted((tmp / "gt-bad").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)  # same size, different bytes
     return {
         "tmp": tmp,
+        "gt_bad": tmp / "gt-bad",
         "bns": made["bns"],
         "gt": made["gt"],
         "gt_plain": tmp / "gt-plain",
@@ -436,3 +442,36 @@ def test_train_resume_matches_an_uninterrupted_run(made, capsys, tmp_path, monke
     assert resumed.keys() == whole.keys()
     for k in whole:
         assert torch.equal(resumed[k], whole[k]), k
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_exit_2(capsys, tmp_path):
+    argv = ["sample", *MODEL, "--solver", "euler", "--nfe", "4", "--num", "2", "--out", tmp_path / "o.safetensors"]
+    one_line_error(run(capsys, *argv, "--device", "cuda"), "--device cuda", "--device cpu")
+
+
+def test_train_without_gt_makes_its_pairs_beside_the_output(capsys, tmp_path):
+    out = tmp_path / "b.safetensors"
+    argv = [
+        "train",
+        *MODEL,
+        "--solver",
+        "bespoke-rk1",
+        "--nfe",
+        "3",
+        "--val-samples",
+        "8",
+        "--train-samples",
+        "8",
+        "--iterations",
+        "2",
+        "--out",
+        out,
+        "--quiet",
+    ]
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "bespoke-rk1 NFE 3" in stdout and f"wrote {out}" in stdout
+    cache = bespoke.load_gt(tmp_path / "b.safetensors.gt")
+    assert len(cache) >= 16 and cache.trajectory_states is not None  # Bespoke needs the trajectories
+    assert sorted(bespoke.load_solvers(out)) == [3]

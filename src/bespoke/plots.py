@@ -99,8 +99,8 @@ def _image(x: torch.Tensor, data_range: float):
     return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
 
 
-def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, columns: int = 8) -> None:
-    """Samples as a grid of pictures (or, for 2-D samples, a scatter plot)."""
+def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, columns: int = 8, captions=None) -> None:
+    """Samples as a grid of pictures, each with its caption if given (or, for 2-D samples, a scatter plot)."""
     plt = _pyplot()
     shape = tuple(samples.shape[1:])
     if not is_image(shape):
@@ -116,11 +116,14 @@ def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, co
         n = samples.shape[0]
         cols = min(columns, n)
         rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.0 * cols + 0.2, 1.0 * rows + 0.6), dpi=110, squeeze=False)
+        high = 1.0 if captions is None else 1.2
+        fig, axes = plt.subplots(rows, cols, figsize=(1.0 * cols + 0.2, high * rows + 0.6), dpi=110, squeeze=False)
         for k, ax in enumerate(axes.flat):
             ax.set_axis_off()
             if k < n:
                 ax.imshow(_image(samples[k], data_range), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                if captions is not None:
+                    ax.set_title(str(captions[k]), fontsize=7, pad=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -57,7 +57,7 @@ def _gt_lines(path: Path) -> tuple[list[str], dict]:
         f"model: {m['model']} (fingerprint {m['fingerprint']}, path {m['scheduler']}, "
         + (f"guidance w={g['weight']:g} ({g['convention']}))" if g else "no guidance)"),
         f"noise seed {m['seed']}, {m['dtype']}; labels: {'drawn from the seed' if m.get('labels') else 'none'}",
-        f"dopri5 rtol={m['rtol']:g} atol={m['atol']:g}, {cache.nfe} NFE per sample; "
+        f"dopri5 rtol={m['rtol']:g} atol={m['atol']:g}, {min(cache.nfe)}-{max(cache.nfe)} NFE per sample; "
         f"{sum(s['seconds'] for s in m['shards']):.0f} s in all",
     ], m
 

@@ -129,6 +129,7 @@ def cmd_sample(args) -> int:
             args.grid,
             data_range=flow.data_range,
             title=f"{flow.name}: {args.solver}, NFE {solver.nfe} ({source})",
+            captions=[f"label {k}" for k in cond["labels"][:GRID_MAX].tolist()] if "labels" in cond else None,
         )
         say(args, f"wrote {args.grid}")
     print(
