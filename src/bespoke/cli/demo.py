@@ -79,11 +79,14 @@ class Clock:
     def __init__(self):
         self.steps: dict[str, tuple[float, bool]] = {}
 
-    def run(self, name: str, fn, cached: bool = False):
+    def run(self, name: str, fn):
         t0 = time.perf_counter()
         out = fn()
-        self.steps[name] = (time.perf_counter() - t0, cached)
+        self.steps[name] = (time.perf_counter() - t0, False)
         return out
+
+    def cached(self, name: str) -> None:
+        self.steps[name] = (0.0, True)
 
 
 def _key(flow, profile: Profile, kind: str, nfes, seed: int) -> str:
@@ -92,13 +95,25 @@ def _key(flow, profile: Profile, kind: str, nfes, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _ground_truth(clock: Clock, label: str, flow, where: Path, *, num: int, **settings):
+    """The GT cache in `where` with at least `num` pairs: made, resumed or extended as needed."""
+    try:
+        done = len(bespoke.load_gt(where, flow)) >= num
+    except BespokeError:
+        done = False  # none yet, or damaged: generate_gt says what it does about it
+    cache = clock.run(label, lambda: bespoke.generate_gt(flow, where, num=num, **settings))
+    if done:
+        clock.cached(label)
+    return cache
+
+
 def _learned(flow, kind, nfes, train, val, cache: Path, profile, args, dev, clock: Clock) -> Path:
     """The solver file of `kind` for `nfes`: from the cache when it holds one for these settings, else trained."""
     stored = cache / f"{kind}-{_key(flow, profile, kind, nfes, args.seed)}.safetensors"
     label = f"train {LEARNED[kind]}"
     try:
         if set(nfes) <= set(load_solvers(stored, flow=flow)):
-            clock.run(label, lambda: None, cached=True)
+            clock.cached(label)
             say(args, f"{LEARNED[kind]}: reusing {stored}")
             return stored
     except BespokeError:
@@ -286,17 +301,20 @@ def cmd_demo(args) -> int:
     gt_common = dict(shard_size=profile.shard, device=dev, quiet=args.quiet)
 
     say(args, f"[1/5] ground truth for evaluation: {profile.eval} pairs (dopri5) ...")
-    gt_eval = clock.run(
-        "ground truth, evaluation pairs",
-        lambda: bespoke.generate_gt(flow, cache / "gt-eval", num=profile.eval, seed=args.seed, **gt_common),
+    gt_eval = _ground_truth(
+        clock, "ground truth, evaluation pairs", flow, cache / "gt-eval", num=profile.eval, seed=args.seed, **gt_common
     ).slice(0, profile.eval)
     n_fit = profile.val + profile.train
     say(args, f"[2/5] ground truth for training: {n_fit} pairs with trajectories ...")
-    gt_fit = clock.run(
+    gt_fit = _ground_truth(
+        clock,
         "ground truth, training pairs",
-        lambda: bespoke.generate_gt(
-            flow, cache / "gt-train", num=n_fit, seed=args.seed + 1, trajectory=profile.trajectory, **gt_common
-        ),
+        flow,
+        cache / "gt-train",
+        num=n_fit,
+        seed=args.seed + 1,
+        trajectory=profile.trajectory,
+        **gt_common,
     )
     val, train = gt_fit.slice(0, profile.val), gt_fit.slice(profile.val, n_fit)
 

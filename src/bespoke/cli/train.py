@@ -124,11 +124,12 @@ def _pairs(args, flow, dev):
         cache = bespoke.load_gt(args.gt, flow, force=args.force)
     v = args.val_samples
     stop = len(cache) if args.train_samples is None else v + args.train_samples
-    if stop > len(cache) or v >= len(cache):
+    need = max(stop, v + 1)  # at least one training pair
+    if need > len(cache):
+        asked = f"--val-samples {v}" + (f" and --train-samples {args.train_samples}" if args.train_samples else "")
         raise BespokeError(
-            f"the GT cache {cache.path} holds {len(cache)} pairs, fewer than --val-samples {v} + --train-samples "
-            f"{stop - v if args.train_samples else 1}; extend it with `bespoke gt --num {max(stop, v + 1)} --out "
-            f"{cache.path}` (same model and seed) or ask for fewer"
+            f"the GT cache {cache.path} holds {len(cache)} pairs, but {asked} need {need}: extend it with "
+            f"`bespoke gt --num {need} --out {cache.path}` (same model and seed) or ask for fewer"
         )
     return cache.slice(v, stop), cache.slice(0, v)
 
