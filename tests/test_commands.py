@@ -475,3 +475,36 @@ def test_train_without_gt_makes_its_pairs_beside_the_output(capsys, tmp_path):
     cache = bespoke.load_gt(tmp_path / "b.safetensors.gt")
     assert len(cache) >= 16 and cache.trajectory_states is not None  # Bespoke needs the trajectories
     assert sorted(bespoke.load_solvers(out)) == [3]
+
+
+def test_eval_plot_and_json_from_a_gt_cache(made, capsys, tmp_path):
+    plot, out = tmp_path / "p.png", tmp_path / "e.json"
+    argv = [
+        "eval",
+        *MODEL,
+        "--gt",
+        made["gt"],
+        "--num",
+        "16",
+        "--solvers",
+        f"euler,{made['bns']}",
+        "--nfe",
+        "4,6",
+        "--plot",
+        plot,
+        "--json",
+        out,
+        "--quiet",
+    ]
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    assert data["ground_truth"]["gt_dir"] == str(made["gt"]) and data["ground_truth"]["num"] == 16
+    assert {(r["solver"], r["requested_nfe"]) for r in data["results"]} == {
+        ("euler", 4),
+        ("euler", 6),
+        (str(made["bns"]), 4),
+        (str(made["bns"]), 6),
+    }
+    assert "16 samples (GT cache" in stdout

@@ -258,7 +258,7 @@ def _pictures(args, flow, cells, files, noise, reference, main_nfe, out) -> str:
     k = min(GRID_COLUMNS, noise.shape[0]) if plots.is_image(flow.sample_shape) else noise.shape[0]
     rows = [(f"{best} (best dedicated)", at[best, main_nfe].result.samples[:k])]
     rows += [(LEARNED[kind], at[kind, main_nfe].result.samples[:k]) for kind in LEARNED if (kind, main_nfe) in at]
-    results = [dict(c.result.as_dict(), requested_nfe=c.requested) for c in cells if c.result is not None]
+    results = ev.results_of(cells)
     title = f"{args.model}, {noise.shape[0]} evaluation samples"
     plots.psnr_vs_nfe(
         results, out / "psnr_vs_nfe.png", title=f"{title}: PSNR against ground truth", learned=tuple(LEARNED)

@@ -178,9 +178,14 @@ def file_nfes(names: list[str], flow, force: bool) -> dict[str, list[int]]:
     return {n: sorted(load_solvers(n, flow=flow, force=force)) for n in names if n not in bespoke.SOLVER_NAMES}
 
 
+def results_of(cells: list[Cell]) -> list[dict]:
+    """One eval-JSON result per cell that ran: solver, NFE spent, PSNR, RMSE, ... and the NFE asked for."""
+    return [dict(c.result.as_dict(), requested_nfe=c.requested) for c in cells if c.result is not None]
+
+
 def eval_json(cells: list[Cell], settings: dict, files: dict) -> dict:
     """The eval JSON (DESIGN §6): ground-truth settings, one result per cell that ran, and what did not."""
-    results = [dict(c.result.as_dict(), requested_nfe=c.requested) for c in cells if c.result is not None]
+    results = results_of(cells)
     skipped = [
         {"solver": c.solver, "requested_nfe": c.requested, "reason": f"it takes {nfe_rule(c.solver, files)}"}
         for c in cells
@@ -264,7 +269,7 @@ def cmd_eval(args) -> int:
             model=args.model,
             path=flow.scheduler.name if flow.scheduler else None,
             num=noise.shape[0],
-            noise="bespoke.noise.draw_noise, float64",
+            noise="the GT cache's, run in float64" if args.gt else "bespoke.noise.draw_noise, float64",
             device=dev,
             guidance=flow.guidance.as_dict() if flow.guidance is not None else None,
             labels=labels_text,
@@ -276,8 +281,9 @@ def cmd_eval(args) -> int:
     if args.plot is not None:
         from bespoke.plots import psnr_vs_nfe
 
-        results = [c.result.as_dict() for c in cells if c.result is not None]
-        psnr_vs_nfe(results, args.plot, title=f"{args.model}: {noise.shape[0]} samples, PSNR against ground truth")
+        psnr_vs_nfe(
+            results_of(cells), args.plot, title=f"{args.model}: {noise.shape[0]} samples, PSNR against ground truth"
+        )
         say(args, f"wrote {args.plot}")
     say(args, f"done in {time.perf_counter() - t_start:.1f} s (ground truth {gt['seconds']:.1f} s)")
     failures = [c for c in cells if c.error is not None]
