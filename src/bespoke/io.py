@@ -7,18 +7,45 @@ an error that names the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import BespokeError
 
-__all__ = ["load_tensors", "save_tensors", "weights_fingerprint"]
+__all__ = ["atomic_path", "load_tensors", "save_tensors", "weights_fingerprint"]
 
 _KEY = "bespoke"  # the safetensors metadata entry that holds our JSON
+
+
+@contextlib.contextmanager
+def atomic_path(path, what: str = ""):
+    """Yield a temporary path beside `path`; on success it is renamed over `path` with an ordinary file's
+    mode, on any error removed: `path` is never half-written. `what` names the file in errors (e.g. --out)."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    name = f"{what} {path}".strip()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise BespokeError(f"cannot write {name}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BespokeError(f"cannot write {name}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -27,10 +54,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={_KEY: json.dumps(meta)})
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a file shipped in the package must be world-readable
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={_KEY: json.dumps(meta)})
 
 
 def load_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict]:

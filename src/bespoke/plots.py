@@ -7,13 +7,11 @@ rename), so an interrupted run never leaves half a PNG. matplotlib runs on the A
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
 from .errors import BespokeError
+from .io import atomic_path
 from .metrics import psnr
 
 __all__ = ["psnr_vs_nfe", "image_grid", "sample_grid", "learned_parameters", "is_image"]
@@ -37,23 +35,12 @@ def _pyplot():
 
 
 def _save(fig, path) -> None:
-    """Save `fig` to `path` through a temporary file in the same folder, then close it."""
-    path = Path(path)
-    plt = _pyplot()
+    """Save `fig` as a PNG at `path` through a temporary file in the same folder, then close it."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    except OSError as e:
-        plt.close(fig)
-        raise BespokeError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=fig.dpi)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=fig.dpi, format="png")
     finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _pyplot().close(fig)
 
 
 def is_image(shape) -> bool:

@@ -4,7 +4,6 @@ loading the model and its conditioning, and writes that never leave half a file 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import torch
 
 import bespoke
 from bespoke import BespokeError
+from bespoke.io import atomic_path
 from bespoke.noise import draw_labels
 from bespoke.paths import SCHEDULERS
 
@@ -224,30 +224,6 @@ def check_writable(path, flag: str) -> None:
         raise BespokeError(f"cannot write {flag} {path}: {e.strerror or e} ({parent})") from None
     os.close(fd)
     os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def atomic_path(path, flag: str):
-    """Yield a temporary path beside `path`; on success it is renamed over `path` (ordinary file mode),
-    on any error removed, so `path` is never half-written."""
-    path = str(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as e:
-        raise BespokeError(f"cannot write {flag} {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
-        os.replace(tmp, path)
-    except OSError as e:
-        raise BespokeError(f"cannot write {flag} {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json_atomic(path, obj, flag: str = "--json") -> None:
