@@ -1,13 +1,14 @@
 """Model specs (DESIGN §4): the strings the CLI and `bespoke.load_model` take to name a model.
 
     zoo:NAME                 a bundled demo model (`bespoke.zoo`)
+    diffusers:DIR            a diffusers model folder (`bespoke.integrations.diffusers_model`)
     python:FILE.py:FUNC      FUNC() from a Python file
     MODULE:FUNC              FUNC() from an importable module (dotted name)
 
 A factory returns a `bespoke.Flow`, or `(net, params)`: a network plus the keywords of
 `bespoke.from_network` that say how to read it (prediction, scheduler - a Scheduler or a name such
 as "vp-discrete" -, sample_shape, ...). A factory that takes a `guidance` keyword gets the guidance
-weight asked for; `diffusers:DIR` specs are resolved by their own adapter.
+weight asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .zoo import zoo_model
 
 __all__ = ["load_model", "SPEC_FORMS"]
 
-SPEC_FORMS = "zoo:NAME, python:FILE.py:FUNC or MODULE:FUNC"
+SPEC_FORMS = "zoo:NAME, diffusers:DIR, python:FILE.py:FUNC or MODULE:FUNC"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -43,10 +44,12 @@ def load_model(spec: str, *, path: str | Scheduler | None = None, guidance="defa
     kind, _, rest = spec.partition(":")
     if kind == "zoo":
         return zoo_model(rest, path=path, guidance=guidance)
-    if kind == "diffusers":
-        raise BespokeError(f"{spec}: diffusers:DIR specs are not supported by this version; use {SPEC_FORMS}")
     if path is not None:
-        raise BespokeError(f"{spec}: a path only applies to the analytic zoo models; the factory sets its own")
+        raise BespokeError(f"{spec}: a path only applies to the analytic zoo models; this model has its own")
+    if kind == "diffusers":
+        from .integrations.diffusers_model import load_diffusers
+
+        return load_diffusers(rest, spec=spec, guidance=guidance)
     if kind == "python":
         source, _, func = rest.rpartition(":")
         factory = _from_file(spec, Path(source), func)

@@ -1,0 +1,1 @@
+"""Adapters to host libraries: diffusers schedulers and k-diffusion-style samplers."""
