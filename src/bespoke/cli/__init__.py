@@ -13,6 +13,7 @@ Exit codes: 0 success; 2 bad input (one line `bespoke: error: ...` on stderr); 1
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -39,11 +40,24 @@ def build_parser() -> Parser:
     return parser
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The library's informative lines (e.g. sampler options a diffusers config sets and we ignore)
+    as `bespoke: ...` on stderr, unless --quiet."""
+    log = logging.getLogger("bespoke")
+    log.handlers = [h for h in log.handlers if not getattr(h, "_bespoke_cli", False)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bespoke: %(message)s"))
+    handler._bespoke_cli = True
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _log_to_stderr(quiet=getattr(args, "quiet", False))
         return args.func(args)
     except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2, already printed)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
