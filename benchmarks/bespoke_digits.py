@@ -24,10 +24,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import figure_lines, finish_psnr_panels, machine, publish, write_json  # noqa: E402  (benchmarks/common.py)
+from common import figure_lines, finish_psnr_panels, machine, publish, trained, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
-from bespoke.solvers.files import load_solvers, save_solvers  # noqa: E402
+from bespoke.solvers.files import load_solvers  # noqa: E402
 from bespoke.train import generate_gt  # noqa: E402
 from bespoke.train.bespoke import train_bespoke  # noqa: E402
 from bespoke.train.bns import train_bns  # noqa: E402
@@ -35,16 +35,6 @@ from bespoke.train.loop import FitConfig  # noqa: E402
 from bespoke.train.pairs import solver_psnr  # noqa: E402
 
 MARK = "bespoke_digits"
-
-
-def trained(file: Path, flow, nfes, make) -> dict:
-    """{nfe: solver} from `file`, training (and saving after each) the NFEs it lacks with make(nfe)."""
-    solvers = load_solvers(file, flow=flow) if file.exists() else {}
-    for nfe in nfes:
-        if nfe not in solvers:
-            solvers[nfe] = make(nfe)
-            save_solvers(file, solvers, flow)
-    return solvers
 
 
 def run_model(name: str, args) -> dict:

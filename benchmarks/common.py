@@ -75,3 +75,15 @@ def publish(doc: Path, mark: str, lines: list[str], started: float) -> None:
     ]
     write_section(doc, mark, "\n".join(lines))
     print("\n".join(lines))
+
+
+def trained(file: Path, flow, nfes, make) -> dict:
+    """{nfe: solver} from the solver file `file`, training (and saving after each) the NFEs it lacks with make(nfe)."""
+    from bespoke.solvers.files import load_solvers, save_solvers
+
+    solvers = load_solvers(file, flow=flow) if file.exists() else {}
+    for nfe in nfes:
+        if nfe not in solvers:
+            solvers[nfe] = make(nfe)
+            save_solvers(file, solvers, flow)
+    return solvers
