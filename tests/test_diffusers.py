@@ -206,8 +206,9 @@ def test_scheduler_round_trips_through_save_pretrained(folders, kind, tmp_path):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-def test_scheduler_public_api(folders):
-    flow, scheduler = _scheduler(folders["ddpm"], nfes=(4, 6))
+@pytest.mark.parametrize("kind, first", [("ddpm", 999.0), ("flow", 1000.0)])
+def test_scheduler_public_api(folders, kind, first):
+    flow, scheduler = _scheduler(folders[kind], nfes=(4, 6))
     for name in ("init_noise_sigma", "scale_model_input", "step", "set_timesteps", "set_begin_index", "add_noise"):
         assert hasattr(scheduler, name), name
     assert scheduler.order == 1 and len(scheduler) == 1000
@@ -216,7 +217,7 @@ def test_scheduler_public_api(folders):
         scheduler.step(torch.zeros(1, 1, 8, 8), 999, torch.zeros(1, 1, 8, 8))
     scheduler.set_timesteps(6)
     ts = scheduler.timesteps
-    assert ts.dtype == torch.float32 and len(ts) == 6 and ts[0] == 999.0 and bool(torch.all(ts[1:] < ts[:-1]))
+    assert ts.dtype == torch.float32 and len(ts) == 6 and ts[0] == first and bool(torch.all(ts[1:] < ts[:-1]))
     sample = torch.randn(5, 1, 8, 8)
     assert scheduler.scale_model_input(sample, ts[0]) is sample
     out = scheduler.step(torch.randn(5, 1, 8, 8), ts[0], sample)
