@@ -277,3 +277,15 @@ def test_ground_truth_agrees_with_dpm_solver_at_1000_steps():
         for t in sched.timesteps:
             x = sched.step(net(x, t.float().expand(4), labels), t, x).prev_sample
     assert float(bespoke.rmse(x, gt.samples).mean()) < 1e-3
+
+
+def test_class_conditional_unet_takes_our_labels_as_class_labels(tmp_path):
+    folder = tiny_diffusers_model(tmp_path / "cond", classes=3)
+    flow = bespoke.load_model(f"diffusers:{folder}")
+    assert flow.cond_keys == ("labels",) and flow.num_classes == 3
+    x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor(0.5, dtype=torch.float64), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        v = _unet(folder)(x, flow.scheduler.timestep(t).float().expand(3), class_labels=labels).sample
+        torch.testing.assert_close(flow(t, x, labels=labels), velocity_from_prediction("v", v, x, t, flow.scheduler))
+    cache = bespoke.generate_gt(flow, tmp_path / "gt", num=4, shard_size=4, quiet=True)  # labels drawn per pair
+    assert cache.labels is not None and cache.labels.max() < 3
