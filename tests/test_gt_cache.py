@@ -284,3 +284,13 @@ def test_the_slope_at_a_singular_data_end_closes_the_last_interval_as_a_quadrati
     x, v, t = dense.trajectory_states, dense.trajectory_velocities, dense.trajectory_times
     assert torch.isfinite(v).all()
     assert torch.allclose(v[:, -1], 2 * (x[:, -1] - x[:, -2]) / (t[-1] - t[-2]) - v[:, -2], atol=1e-12)
+
+
+def test_a_cache_made_before_noise_scale_was_recorded_still_extends(flow, tmp_path):
+    """Manifests written before the `noise_scale` field read as noise_scale 1, which is what they hold."""
+    out = tmp_path / "old"
+    generate_gt(flow, out, num=8, shard_size=8, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest.pop("noise_scale") == 1.0
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert len(generate_gt(flow, out, num=16, shard_size=8, quiet=True)) == 16

@@ -167,3 +167,21 @@ def test_bad_arguments(model, x):
         sample_bns(model, x, torch.tensor([80.0]), solver="euler", disable=True)
     with pytest.raises(BespokeError, match="unknown solver"):
         sample_bns(model, x, karras(8), solver="nope", disable=True)
+
+
+def test_gt_pairs_start_from_noise_times_sigma_max_and_train_a_solver_for_sample_bns(model, tmp_path):
+    """edm_flow's noise_scale is sigma_max: generate_gt draws k-diffusion's initial states, so a BNS solver
+    trained on its pairs is one sample_bns runs."""
+    import warnings
+
+    flow = edm_flow(model, SMAX, sample_shape=(2,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a callable has no fingerprint to record
+        pairs = bespoke.generate_gt(flow, tmp_path / "gt", num=48, shard_size=48, quiet=True)
+    unit = bespoke.draw_noise((2,), 48, seed=0, dtype=F64)
+    assert torch.equal(pairs.noise, unit * SMAX)
+    config = bespoke.FitConfig(iterations=4, batch_size=16, val_every=2)
+    bns = bespoke.train_bns(flow, pairs.slice(16), pairs.slice(0, 16), 4, config=config, quiet=True)
+    x = pairs.noise[:16]
+    assert close(sample_bns(model, x, karras(4), solver=bns, disable=True), bns.sample(flow, x))
+    assert bespoke.psnr(bns.sample(flow, x), pairs.samples[:16]) > 10  # pairs and solver agree on the start

@@ -198,6 +198,9 @@ class Flow:
     data_range:   peak-to-peak range of the data, for PSNR (2 for data in [-1, 1])
     dtype:        the model's compute dtype (network adapters cast the state to it for the network
                   call only, so a float64 state keeps float64 coefficient math); None = any
+    noise_scale:  the state at t = 0 is noise_scale * N(0, I): 1 for normalised paths, sigma_max for
+                  EDM/VE-coordinate models (k-diffusion's `randn * sigmas[0]`); GT caches and the CLI
+                  draw their initial states this way (`initial_state`)
     num_classes:  number of class labels of a class-conditional model (None otherwise)
     info:         what the model source knows of it (recipe, training time, ...), JSON-able
     """
@@ -217,6 +220,7 @@ class Flow:
         dtype: torch.dtype | None = None,
         num_classes: int | None = None,
         info: dict | None = None,
+        noise_scale: float = 1.0,
     ):
         if not 0.0 < ode_end <= 1.0:
             raise BespokeError(f"ode_end must lie in (0, 1], got {ode_end}")
@@ -232,10 +236,15 @@ class Flow:
         self.dtype = dtype
         self.num_classes = num_classes
         self.info = dict(info or {})
+        self.noise_scale = float(noise_scale)
         self.nfe = 0
 
     def __repr__(self):
         return f"Flow({self.name!r}, scheduler={self.scheduler!r}, sample_shape={self.sample_shape})"
+
+    def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """The state at t = 0 for standard normal `noise`: noise_scale * noise."""
+        return noise if self.noise_scale == 1.0 else self.noise_scale * noise
 
     # --- validation ---------------------------------------------------------------------------
     def check_noise(self, noise: torch.Tensor) -> None:
@@ -462,4 +471,5 @@ def scale_time_flow(flow: Flow, target: Scheduler) -> Flow:
         dtype=flow.dtype,
         num_classes=flow.num_classes,
         info=flow.info,
+        noise_scale=flow.noise_scale,
     )

@@ -224,7 +224,7 @@ def _reference(args, flow, dev):
     num = 1000 if args.num is None else args.num
     cond, labels = conditioning(args, flow, num)
     cond = {k: v.to(dev) for k, v in cond.items()}
-    noise = draw_noise(flow.sample_shape, num, args.seed, dtype=torch.float64, device=dev)
+    noise = flow.initial_state(draw_noise(flow.sample_shape, num, args.seed, dtype=torch.float64, device=dev))
     say(args, f"ground truth: dopri5 (rtol={args.rtol:g}, atol={args.atol:g}) on {num} samples ...")
     t0 = time.perf_counter()
     gt = bespoke.ground_truth(flow, noise, rtol=args.rtol, atol=args.atol, **cond)

@@ -104,7 +104,7 @@ def cmd_sample(args) -> int:
         cond = {"labels": labels} if labels is not None else conditioning(args, flow, noise.shape[0])[0]
         source = args.noise
     else:
-        noise = draw_noise(flow.sample_shape, args.num, args.seed, dtype=torch.float64)
+        noise = flow.initial_state(draw_noise(flow.sample_shape, args.num, args.seed, dtype=torch.float64))
         cond = conditioning(args, flow, args.num)[0]
         source = f"seed {args.seed}"
     noise = noise.to(dev, torch.float64)

@@ -12,9 +12,8 @@ time on the EDM path (alpha = 1, sigma(t) = (smax^(1/rho) + t (smin^(1/rho) - sm
 
 Conventions:
 - The state at t = 0 is x at sigma = sigma_max, i.e. k-diffusion's already scaled `randn * sigmas[0]`; solvers
-  start from it unchanged. Training pairs must start from such states too: `bespoke.generate_gt` draws
-  N(0, I) noise as the t = 0 state, not noise * sigma_max, so its pairs fit this flow only for sigma_max = 1
-  (`bespoke.ground_truth(flow, noise * sigma_max)` gives the right ones).
+  start from it unchanged. The flow's `noise_scale` is sigma_max, so `bespoke.generate_gt` (and the CLI)
+  draw their initial states the same way and training pairs fit the sampler.
 - sigma_min = 0 reaches the data (t = 1 is sigma = 0). There sigma' = 0 too (rho > 1) and u = sigma' * (x - D)/sigma,
   sigma' times the noise prediction, is 0; the model is not called at sigma = 0 (D(x, 0) = x), as in k-diffusion.
 - The model's `extra_args` are fixed when the flow is built; they are not per-call conditioning.
@@ -102,7 +101,7 @@ def edm_flow(
         tt = t.to("cpu", torch.float64)
         return _velocity(sched, tt, x, _denoise(model, x, sched.sigma(tt), extra))
 
-    return Flow(velocity, scheduler=sched, sample_shape=sample_shape, name=name)
+    return Flow(velocity, scheduler=sched, sample_shape=sample_shape, name=name, noise_scale=sched.sigma_max)
 
 
 def _check_trained_path(path, sched: EDM) -> None:

@@ -5,8 +5,9 @@
     x0, x1, cond = cache.noise, cache.samples, cache.cond()
 
 Pair i depends only on (model, seed, i, shard_size, rtol, atol): its noise is sample i of
-`draw_noise(sample_shape, ..., seed)` (drawn in float64, stored in the model's dtype, or float64 for
-models without one), its label (class-conditional models) label i of `draw_labels`, and its sample
+`draw_noise(sample_shape, ..., seed)` times the flow's `noise_scale` (the state at t = 0; drawn in
+float64, stored in the model's dtype, or float64 for models without one), its label
+(class-conditional models) label i of `draw_labels`, and its sample
 comes from one dopri5 solve over the whole shard that holds it (dopri5's step size depends on the
 batch, so the batch is fixed to the shard). Shard k is `shard-0000k.safetensors` and holds pairs
 [k * shard_size, (k + 1) * shard_size); shards are always full, so a cache holds `num` rounded up
@@ -58,7 +59,9 @@ _RESUME_FIELDS = (
     "scheduler",
     "num_classes",
     "trajectory",
+    "noise_scale",
 )
+_RESUME_DEFAULTS = {"noise_scale": 1.0}  # what a cache made before a field existed holds
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -172,6 +175,7 @@ def _settings(flow, *, seed, shard_size, rtol, atol, trajectory=0) -> dict:
             "seed": seed,
             "shard_size": shard_size,
             "trajectory": trajectory,
+            "noise_scale": flow.noise_scale,
         }
     )
 
@@ -421,9 +425,9 @@ def generate_gt(
     if (out / MANIFEST).exists():
         manifest = _read_manifest(out)
         diff = [
-            f"{key}={manifest.get(key)!r} (now {settings[key]!r})"
+            f"{key}={manifest.get(key, _RESUME_DEFAULTS.get(key))!r} (now {settings[key]!r})"
             for key in _RESUME_FIELDS
-            if manifest.get(key) != settings[key]
+            if manifest.get(key, _RESUME_DEFAULTS.get(key)) != settings[key]
         ]
         if diff:
             raise BespokeError(
@@ -466,7 +470,8 @@ def generate_gt(
         for k in todo:
             start, stop = k * shard_size, (k + 1) * shard_size
             t0 = time.perf_counter()
-            noise = draw_noise(flow.sample_shape, shard_size, seed, dtype=torch.float64, start=start).to(noise_dtype)
+            noise = draw_noise(flow.sample_shape, shard_size, seed, dtype=torch.float64, start=start)
+            noise = flow.initial_state(noise).to(noise_dtype)  # the state at t = 0
             tensors = {"noise": noise}
             cond = {}
             if settings["labels"]:
