@@ -119,9 +119,12 @@ def table(cells: list[Cell], names: list[str], nfes: list[int], header: str, dat
                 notes.append(f"- {name} at NFE {asked}: the file holds NFE {held} (train others with `bespoke train`)")
             else:
                 notes.append(f"- {name} at NFE {asked}: no valid NFE at or below; it takes {nfe_rule(name, files)}")
+        errors: dict[str, list[int]] = {}  # one note per message, listing the NFEs it happened at
         for c in mine:
             if c.error is not None:
-                notes.append(f"err {name} at NFE {c.requested}: {c.error}")
+                errors.setdefault(c.error, []).append(c.requested)
+        for message, at in errors.items():
+            notes.append(f"err {name} at NFE {', '.join(map(str, at))}: {message}")
     lines += [""] + notes if notes else []
     lines += [
         "",
