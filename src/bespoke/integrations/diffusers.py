@@ -72,13 +72,15 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
     # --- building one ---------------------------------------------------------------------------
     @classmethod
     def from_solvers(cls, solvers, flow, *, prediction_type: str | None = None) -> BespokeScheduler:
-        """A scheduler holding `solvers` (a solver file, a Solver, or a list of them: any bespoke solver,
+        """A scheduler holding `solvers` (a solver file, a Solver, a list or {nfe: solver}: any bespoke solver,
         learned or built-in) for `flow`, a model from `bespoke.load_model("diffusers:DIR")` or any DDPM-type
         (`VPDiscrete`) or flow-matching model whose network output `prediction_type` names."""
         from ..solvers.files import load_solvers
 
         if isinstance(solvers, (str, Path)):
-            solvers = list(load_solvers(solvers, flow=flow).values())
+            solvers = load_solvers(solvers, flow=flow)
+        if isinstance(solvers, dict):  # {nfe: solver}, as load_solvers returns
+            solvers = list(solvers.values())
         elif not isinstance(solvers, (list, tuple)):
             solvers = [solvers]
         table = {}
