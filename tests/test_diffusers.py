@@ -289,3 +289,28 @@ def test_class_conditional_unet_takes_our_labels_as_class_labels(tmp_path):
         torch.testing.assert_close(flow(t, x, labels=labels), velocity_from_prediction("v", v, x, t, flow.scheduler))
     cache = bespoke.generate_gt(flow, tmp_path / "gt", num=4, shard_size=4, quiet=True)  # labels drawn per pair
     assert cache.labels is not None and cache.labels.max() < 3
+
+
+def test_scheduler_checks_of_the_diffusers_common_suite(folders, tmp_path):
+    """Outputs equivalence (dict vs tuple), step shapes at two timesteps, add_noise keeps shape and dtype,
+    trained betas round trip, and a saved BespokeScheduler loads as a compatible diffusers scheduler."""
+    flow, scheduler = _scheduler(folders["ddpm"])
+    scheduler.set_timesteps(6)
+    sample, residual = torch.randn(2, 1, 8, 8), 0.1 * torch.randn(2, 1, 8, 8)
+    t0, t1 = scheduler.timesteps[:2]
+    a = scheduler.step(residual, t0, sample).prev_sample
+    scheduler.set_timesteps(6)
+    (b,) = scheduler.step(residual, t0, sample, return_dict=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert scheduler.step(residual, t1, b).prev_sample.shape == sample.shape
+    noisy = scheduler.add_noise(sample.double(), residual.double(), torch.tensor([10, 900]))
+    assert noisy.shape == sample.shape and noisy.dtype == torch.float64
+
+    vp = BespokeScheduler.from_solvers(bespoke.solver("ddim", 6), bespoke.load_model("zoo:digits-vp", guidance=None))
+    vp.save_pretrained(tmp_path / "vp")
+    again = BespokeScheduler.from_pretrained(tmp_path / "vp")
+    assert again.config.trained_betas == vp.config.trained_betas and len(again.config.trained_betas) == 1000
+    ddpm = diffusers.DDPMScheduler.from_pretrained(tmp_path / "vp")  # a compatible scheduler reads the same model
+    ours = vp._schedule.scheduler.alphas_cumprod
+    assert ours.numel() == 1000
+    torch.testing.assert_close(ddpm.alphas_cumprod.double(), ours)
