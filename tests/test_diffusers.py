@@ -262,12 +262,15 @@ def test_zoo_vp_model_takes_a_scheduler_with_its_prediction_type():
 
 def test_ground_truth_agrees_with_dpm_solver_at_1000_steps():
     """Both approximate the same ODE: our dopri5 on the discrete schedule vs diffusers' DPM-Solver++(2M)
-    with 1,000 steps (every training timestep) ending at sigma = 0, on the digits ε-model."""
+    with 1,000 steps (every training timestep) ending at sigma = 0, on the digits ε-model. The states run
+    in float64 on both sides. At rtol = atol = 1e-7 they agree to 9e-5 RMSE; our default tolerance
+    (1e-5) is itself about 1e-3 RMSE from that tighter solution on this model, so it is not used here."""
     from bespoke.zoo.pretrained import digits_network
 
     net, _, _ = digits_network("digits-vp")
-    noise, labels = bespoke.draw_noise((1, 16, 16), 4, seed=5), torch.arange(4)
-    gt = bespoke.ground_truth(bespoke.load_model("zoo:digits-vp", guidance=None), noise, labels=labels)
+    noise, labels = bespoke.draw_noise((1, 16, 16), 4, seed=5, dtype=torch.float64), torch.arange(4)
+    flow = bespoke.load_model("zoo:digits-vp", guidance=None)
+    gt = bespoke.ground_truth(flow, noise, labels=labels, rtol=1e-7, atol=1e-7)
     sched = diffusers.DPMSolverMultistepScheduler(
         beta_schedule="linear", prediction_type="epsilon", final_sigmas_type="zero", timestep_spacing="trailing"
     )
@@ -275,8 +278,8 @@ def test_ground_truth_agrees_with_dpm_solver_at_1000_steps():
     x = noise.clone()
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(net(x, t.float().expand(4), labels), t, x).prev_sample
-    assert float(bespoke.rmse(x, gt.samples).mean()) < 1e-3
+            x = sched.step(net(x.float(), t.float().expand(4), labels).double(), t, x).prev_sample
+    assert float(bespoke.rmse(x, gt.samples).mean()) < 1e-3 / 5
 
 
 def test_class_conditional_unet_takes_our_labels_as_class_labels(tmp_path):
