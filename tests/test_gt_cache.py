@@ -294,3 +294,19 @@ def test_a_cache_made_before_noise_scale_was_recorded_still_extends(flow, tmp_pa
     assert manifest.pop("noise_scale") == 1.0
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert len(generate_gt(flow, out, num=16, shard_size=8, quiet=True)) == 16
+
+
+def test_shards_written_but_not_yet_in_the_manifest_are_adopted(flow, reference, tmp_path):
+    """A run killed between writing a shard and recording it (or another rank's shards under torchrun):
+    the next run takes the shard files that say they are shard k instead of solving them again."""
+    generate_gt(flow, tmp_path, num=9, shard_size=SIZE, seed=5, quiet=True)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(tmp_path)
+    again = generate_gt(flow, tmp_path, num=9, shard_size=SIZE, seed=5, quiet=True)
+    assert same(again, reference) and len(again.manifest["shards"]) == len(reference.manifest["shards"])
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k.startswith("shard")} == {
+        k: v for k, v in before.items() if k.startswith("shard")
+    }  # no shard was solved again

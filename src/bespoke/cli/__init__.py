@@ -21,8 +21,9 @@ import traceback
 import bespoke
 from bespoke import BespokeError
 
+from .. import distributed
 from . import demo, evaluate, gt, info, sample, train
-from .common import Parser, print_error
+from .common import Parser, device, print_error
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +39,18 @@ def build_parser() -> Parser:
     for command in COMMANDS:
         command.register(sub)
     return parser
+
+
+def _join_process_group(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1) `gt` and `train` run on every rank; rank 0 alone prints and writes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.command not in ("gt", "train"):
+        raise BespokeError(f"bespoke {args.command} runs in one process; only gt and train run under torchrun")
+    distributed.init_from_env(device(args.device))
+    if not distributed.is_main():
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
 
 
 def _log_to_stderr(quiet: bool) -> None:
@@ -57,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _join_process_group(args)
         _log_to_stderr(quiet=getattr(args, "quiet", False))
         return args.func(args)
     except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2, already printed)

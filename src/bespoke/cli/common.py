@@ -15,6 +15,7 @@ import torch
 
 import bespoke
 from bespoke import BespokeError
+from bespoke.distributed import local_device
 from bespoke.io import atomic_path
 from bespoke.noise import draw_labels
 from bespoke.paths import SCHEDULERS
@@ -146,11 +147,12 @@ def say(args, message: str) -> None:
 
 
 def device(name: str) -> str:
+    """--device resolved: auto = cuda when available, else cpu; under torchrun each rank its own GPU."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise BespokeError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    return name
+    return local_device(name)
 
 
 def load_flow(args):

@@ -56,7 +56,9 @@ def register(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="use solver files made for another model anyway")
     p.add_argument("--nfe", required=True, type=int_list, metavar="N,N,...", help="NFE values, e.g. 4,8,16")
-    p.add_argument("--num", type=positive_int, default=None, help="number of samples (default 1000; with --gt: all)")
+    p.add_argument(
+        "-n", "--num", type=positive_int, default=None, help="number of samples (default 1000; with --gt: all)"
+    )
     p.add_argument("--gt", metavar="GT_DIR", default=None, help="score against the pairs of this GT cache")
     p.add_argument("--rtol", type=positive_float, default=1e-5, help="ground-truth dopri5 rtol (default 1e-5)")
     p.add_argument("--atol", type=positive_float, default=1e-5, help="ground-truth dopri5 atol (default 1e-5)")

@@ -23,7 +23,14 @@ def register(sub) -> None:
         "checksummed safetensors shards; resumes and extends.",
     )
     add_model_args(p, labels=False)
-    p.add_argument("--num", type=positive_int, required=True, help="number of pairs (rounded up to whole shards)")
+    p.add_argument(
+        "-n",
+        "--num",
+        type=positive_int,
+        required=True,
+        help="number of pairs, rounded up to whole shards (under torchrun write -n: it takes --num for its own "
+        "--numa-binding)",
+    )
     p.add_argument("--out", required=True, metavar="GT_DIR", help="the cache directory")
     p.add_argument(
         "--trajectory",

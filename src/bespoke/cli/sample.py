@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--nfe", type=positive_int, default=None, help="NFE (a solver file with one NFE needs none)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--noise", metavar="IN.safetensors", help="initial noise (a 'noise' tensor, optional 'labels')")
-    src.add_argument("--num", type=positive_int, help="number of samples to draw from --seed")
+    src.add_argument("-n", "--num", type=positive_int, help="number of samples to draw from --seed")
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write noise, samples, labels")
     p.add_argument("--grid", metavar="PNG", default=None, help=f"also draw the first {GRID_MAX} samples as a grid")
     p.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")

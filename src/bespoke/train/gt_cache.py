@@ -23,6 +23,7 @@ solve. They cost K more NFE per shard (one batched call) and K times the storage
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..distributed import all_gather, barrier, is_main, rank, world_size
 from ..errors import BespokeError, NonFiniteVelocity
 from ..io import load_tensors, save_tensors
 from ..noise import draw_labels, draw_noise
@@ -398,8 +400,6 @@ def generate_gt(
     """
     from tqdm import tqdm
 
-    from ..solvers.adaptive import ground_truth
-
     _check_int("num", num, 1)
     _check_int("shard_size", shard_size, 1)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -441,71 +441,110 @@ def generate_gt(
         manifest["created"] = _now()
     manifest["library_version"] = __version__
 
-    shards = manifest["shards"]
-    wanted = max(math.ceil(num / shard_size), len(shards))
+    entries = dict(enumerate(manifest["shards"]))
+    wanted = max(math.ceil(num / shard_size), len(entries))
     todo = []
     for k in range(wanted):
-        if k < len(shards):
-            path = out / shards[k]["file"]
-            if path.is_file() and _sha256(path) == shards[k]["sha256"]:
+        if k in entries:
+            path = out / entries[k]["file"]
+            if path.is_file() and _sha256(path) == entries[k]["sha256"]:
                 continue
             warnings.warn(f"GT shard {path} is missing or damaged; regenerating it", stacklevel=2)
+        else:
+            adopted = _adopt(out, k, shard_size)
+            if adopted is not None:  # written by a run killed before its manifest update, or by another rank
+                entries[k] = adopted
+                continue
         todo.append(k)
     if max_shards is not None:
         todo = todo[:max_shards]
 
-    noise_dtype = getattr(torch, settings["dtype"])
-    samples_dtype = getattr(torch, settings["samples_dtype"])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BespokeError(f"cannot create {out}: {e.strerror or e}") from None
-    manifest["updated"] = _now()
-    _write_manifest(out, _finish(manifest))
-
+    _update(out, manifest, entries)
+    mine = todo[rank() :: world_size()]  # each rank its own shards; alone: all of them
     bar = tqdm(
-        total=wanted, initial=wanted - len(todo), desc="ground truth", unit="shard", file=sys.stderr, disable=quiet
+        total=wanted,
+        initial=wanted - len(todo),
+        desc="ground truth",
+        unit="shard",
+        file=sys.stderr,
+        disable=quiet or not is_main(),
     )
     with bar:
-        for k in todo:
-            start, stop = k * shard_size, (k + 1) * shard_size
-            t0 = time.perf_counter()
-            noise = draw_noise(flow.sample_shape, shard_size, seed, dtype=torch.float64, start=start)
-            noise = flow.initial_state(noise).to(noise_dtype)  # the state at t = 0
-            tensors = {"noise": noise}
-            cond = {}
-            if settings["labels"]:
-                tensors["labels"] = draw_labels(shard_size, flow.num_classes, seed, start=start)
-                cond["labels"] = tensors["labels"].to(device or "cpu")
-            dense_times = trajectory_times(settings, flow.ode_end)
-            gt = ground_truth(
-                flow, noise.to(device or "cpu"), rtol=float(rtol), atol=float(atol), times=dense_times, **cond
-            )
-            tensors["samples"] = gt.samples.to("cpu", samples_dtype)
-            nfe = gt.nfe
-            if dense_times is not None:
-                velocities = _velocities(flow, dense_times, gt.states, cond)
-                nfe += 1
-                tensors["trajectory_states"] = gt.states.transpose(0, 1).to("cpu", samples_dtype).contiguous()
-                tensors["trajectory_velocities"] = velocities.transpose(0, 1).to("cpu", samples_dtype).contiguous()
-            seconds = round(time.perf_counter() - t0, 3)
-            path = out / _shard_name(k)
-            meta = {"index": k, "start": start, "stop": stop, "nfe": nfe, "seconds": seconds}
-            try:
-                save_tensors(path, tensors, meta)
-            except OSError as e:
-                raise BespokeError(f"cannot write {path}: {e.strerror or e}") from None
-            entry = {"file": path.name, "start": start, "stop": stop, "nfe": nfe, "seconds": seconds}
-            entry["sha256"] = _sha256(path)
-            if k < len(shards):
-                shards[k] = entry
-            else:  # todo is ascending and the shard list a prefix, so k == len(shards)
-                shards.append(entry)
-            manifest["updated"] = _now()
-            _write_manifest(out, _finish(manifest))
-            bar.set_postfix(nfe=nfe)
-            bar.update(1)
+        for k in mine:
+            entries[k] = _make_shard(flow, settings, out, k, device)
+            if world_size() == 1:
+                _update(out, manifest, entries)
+            bar.set_postfix(nfe=entries[k]["nfe"])
+            bar.update(world_size())
+    if world_size() > 1:
+        for part in all_gather({k: entries[k] for k in mine}):
+            entries.update(part)
+        _update(out, manifest, entries)
+        barrier()
     return _load(out, _read_manifest(out))
+
+
+def _update(out: Path, manifest: dict, entries: dict) -> None:
+    """Write the manifest with the contiguous prefix of shards that exist (rank 0 only)."""
+    manifest["shards"] = list(itertools.takewhile(lambda e: e is not None, map(entries.get, itertools.count())))
+    manifest["updated"] = _now()
+    if is_main():
+        _write_manifest(out, _finish(manifest))
+
+
+def _adopt(out: Path, k: int, shard_size: int) -> dict | None:
+    """The manifest entry of shard k if its file exists and says it is shard k (files are written atomically)."""
+    path = out / _shard_name(k)
+    if not path.is_file():
+        return None
+    try:
+        _, meta = load_tensors(path, "")
+    except BespokeError:
+        return None
+    if (meta.get("index"), meta.get("start"), meta.get("stop")) != (k, k * shard_size, (k + 1) * shard_size):
+        return None
+    entry = {key: meta[key] for key in ("start", "stop", "nfe", "seconds")}
+    return {"file": path.name, **entry, "sha256": _sha256(path)}
+
+
+def _make_shard(flow, settings: dict, out: Path, k: int, device) -> dict:
+    """Solve shard k (its noise, labels, dopri5 samples and optional trajectories), write it; its manifest entry."""
+    from ..solvers.adaptive import ground_truth
+
+    size, seed = settings["shard_size"], settings["seed"]
+    start, stop = k * size, (k + 1) * size
+    t0 = time.perf_counter()
+    noise = draw_noise(flow.sample_shape, size, seed, dtype=torch.float64, start=start)
+    noise = flow.initial_state(noise).to(getattr(torch, settings["dtype"]))  # the state at t = 0
+    samples_dtype = getattr(torch, settings["samples_dtype"])
+    tensors = {"noise": noise}
+    cond = {}
+    if settings["labels"]:
+        tensors["labels"] = draw_labels(size, flow.num_classes, seed, start=start)
+        cond["labels"] = tensors["labels"].to(device or "cpu")
+    dense_times = trajectory_times(settings, flow.ode_end)
+    gt = ground_truth(
+        flow, noise.to(device or "cpu"), rtol=settings["rtol"], atol=settings["atol"], times=dense_times, **cond
+    )
+    tensors["samples"] = gt.samples.to("cpu", samples_dtype)
+    nfe = gt.nfe
+    if dense_times is not None:
+        velocities = _velocities(flow, dense_times, gt.states, cond)
+        nfe += 1
+        tensors["trajectory_states"] = gt.states.transpose(0, 1).to("cpu", samples_dtype).contiguous()
+        tensors["trajectory_velocities"] = velocities.transpose(0, 1).to("cpu", samples_dtype).contiguous()
+    seconds = round(time.perf_counter() - t0, 3)
+    path = out / _shard_name(k)
+    meta = {"index": k, "start": start, "stop": stop, "nfe": nfe, "seconds": seconds}
+    try:
+        save_tensors(path, tensors, meta)
+    except OSError as e:
+        raise BespokeError(f"cannot write {path}: {e.strerror or e}") from None
+    return {"file": path.name, "start": start, "stop": stop, "nfe": nfe, "seconds": seconds, "sha256": _sha256(path)}
 
 
 def _velocities(flow, times: torch.Tensor, states: torch.Tensor, cond: dict) -> torch.Tensor:

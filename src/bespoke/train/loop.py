@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..distributed import is_main
 from ..errors import BespokeError
 
 __all__ = ["FitConfig", "FitResult", "fit", "batch_indices"]
@@ -114,6 +115,7 @@ def fit(
     config: FitConfig,
     *,
     full_loss_fn=None,
+    after_backward=None,
     checkpoint: str | os.PathLike | None = None,
     signature: dict | None = None,
     desc: str = "train",
@@ -127,6 +129,8 @@ def fit(
     `full_loss_fn(module)`, which computes the whole-training-set loss, back-propagates it itself and
     returns it: with a few hundred parameters, quasi-Newton steps on the full objective go where Adam's
     noisy mini-batch steps cannot (zoo:gmm2d, NFE 8: 58.9 -> 66.4 dB after 1,200 Adam steps had levelled off).
+    after_backward(module): called once the gradients of a step are in (data-parallel runs all-reduce them);
+    under torch.distributed only rank 0 writes the checkpoint and shows progress.
     """
     signature = {**(signature or {}), "config": asdict(config)}
     params = [p for p in module.parameters() if p.requires_grad]
@@ -162,7 +166,13 @@ def fit(
         }
     t0, seconds_before = time.perf_counter(), run["seconds"]
     bar = tqdm(
-        total=total, initial=run["step"], desc=desc, disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=False
+        total=total,
+        initial=run["step"],
+        desc=desc,
+        disable=quiet or not is_main(),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
     )
 
     def validate(done: int, loss: float) -> None:
@@ -182,7 +192,7 @@ def fit(
         if done <= config.iterations:  # patience stops phase 1 only
             run["stopped_early"] = config.patience > 0 and run["bad"] >= config.patience
         run.update(step=done, seconds=seconds_before + time.perf_counter() - t0)
-        if ckpt is not None:
+        if ckpt is not None and is_main():
             _save_checkpoint(
                 ckpt,
                 {
@@ -203,6 +213,8 @@ def fit(
             loss = loss_fn(module, it)
             _check_finite(loss, it)
             loss.backward()
+            if after_backward is not None:
+                after_backward(module)
             adam.step()
             done = it + 1
             bar.update(1)

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..distributed import all_reduce_sum, rank, world_size
 from ..errors import BespokeError
 from ..metrics import psnr
 from .loop import FitConfig, batch_indices, fit
@@ -93,28 +94,57 @@ def fit_solver(flow, train, val, initial, batch_loss, config, *, signature, chec
         module.to(device)
     module.model_fingerprint = flow.fingerprint
 
-    def loss_fn(m, it):  # phase 1: a mini-batch
-        return batch_loss(m, train, batch_indices(len(train), config.batch_size, config.seed, it))
+    def share(m, idx, of: int) -> torch.Tensor:  # this rank's part of a mean over `of` pairs
+        mine = idx[rank() :: world_size()]
+        if len(mine) == 0:
+            return sum(p.sum() * 0.0 for p in m.parameters())  # no pairs here: a zero with a graph
+        return batch_loss(m, train, mine) * (len(mine) / of)
+
+    def loss_fn(m, it):  # phase 1: a mini-batch (split over ranks, gradients summed by all_reduce_grads)
+        idx = batch_indices(len(train), config.batch_size, config.seed, it)
+        return share(m, idx, len(idx))
 
     def full_loss_fn(m):  # phase 2: all training pairs, back-propagated chunk by chunk
-        total = 0.0
-        for idx in torch.arange(len(train)).split(config.batch_size):
-            part = batch_loss(m, train, idx) * (len(idx) / len(train))
+        total = torch.zeros((), dtype=torch.float64)
+        for idx in torch.arange(len(train)).split(config.batch_size * world_size()):
+            part = share(m, idx, len(train))
             part.backward()
             total += part.item()
-        return torch.tensor(total, dtype=torch.float64)
+        all_reduce_grads(m)
+        all_reduce_sum([total])
+        return total
 
     signature = {"kind": module.kind, "nfe": module.nfe, "init": module.init, **signature}
     signature.update(model=flow.fingerprint, train=len(train), val=len(val))
     result = fit(
         module,
         loss_fn,
-        lambda m: solver_psnr(m, flow, val),
+        lambda m: distributed_psnr(m, flow, val),
         config,
         full_loss_fn=full_loss_fn,
+        after_backward=all_reduce_grads,
         checkpoint=checkpoint,
         signature=signature,
         desc=f"{module.kind} nfe={module.nfe}",
         quiet=quiet,
     )
     return module, result, init_scores, config
+
+
+def all_reduce_grads(module) -> None:
+    """Sum the solver's gradients over ranks (a few hundred numbers: one all-reduce per parameter)."""
+    all_reduce_sum([p.grad for p in module.parameters() if p.grad is not None])
+
+
+def distributed_psnr(s, flow, pairs) -> float:
+    """Mean per-sample PSNR over `pairs`, each rank scoring its share (alone: solver_psnr)."""
+    if world_size() == 1:
+        return solver_psnr(s, flow, pairs)
+    n, k = len(pairs), world_size()
+    a, b = n * rank() // k, n * (rank() + 1) // k  # this rank's contiguous share
+    total = torch.zeros(2, dtype=torch.float64)
+    if b > a:
+        total[0] = solver_psnr(s, flow, pairs.slice(a, b), per_sample=True).sum()
+        total[1] = b - a
+    all_reduce_sum([total])
+    return float(total[0] / total[1])
