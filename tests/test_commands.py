@@ -508,3 +508,29 @@ def test_eval_plot_and_json_from_a_gt_cache(made, capsys, tmp_path):
         (str(made["bns"]), 6),
     }
     assert "16 samples (GT cache" in stdout
+
+
+def test_train_with_grad_checkpoint_gives_the_same_solver(made, capsys, tmp_path):
+    out = tmp_path / "c.safetensors"
+    argv = [
+        "train",
+        *MODEL,
+        "--solver",
+        "bns",
+        "--nfe",
+        "4,6",
+        "--gt",
+        made["gt"],
+        "--val-samples",
+        "16",
+        "--iterations",
+        "6",
+        "--grad-checkpoint",
+        "--out",
+        out,
+        "--quiet",
+    ]
+    assert run(capsys, *argv)[0] == 0
+    a, b = load_file(out), load_file(made["bns"])
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12)

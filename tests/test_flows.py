@@ -304,3 +304,18 @@ def test_non_finite_velocity_is_an_error():
     flow = bespoke.from_network(lambda x, t: x * math.nan, prediction="velocity", scheduler=CondOT(), name="broken")
     with pytest.raises(BespokeError, match=r"broken returned a non-finite velocity at t = 0\.5"):
         flow(0.5, randn(4, 2))
+
+
+def test_autocast_flow_runs_the_network_in_bf16_and_keeps_the_state_dtype():
+    from bespoke.flows import autocast_flow
+
+    flow = bespoke.load_model("zoo:digits-ot")
+    fast = autocast_flow(flow, "bf16")
+    noise, labels = bespoke.draw_noise(flow.sample_shape, 4, 0, dtype=torch.float64), torch.arange(4)
+    with torch.no_grad():
+        full = bespoke.solver("midpoint", 4).sample(flow, noise, labels=labels)
+        half = bespoke.solver("midpoint", 4).sample(fast, noise, labels=labels)
+    assert half.dtype == torch.float64 and fast.fingerprint == flow.fingerprint
+    assert 35 < bespoke.psnr(half, full) < 90  # bf16 rounding shows, but only just
+    with pytest.raises(bespoke.BespokeError, match="bf16, fp16"):
+        autocast_flow(flow, torch.float64)

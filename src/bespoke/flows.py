@@ -242,6 +242,24 @@ class Flow:
     def __repr__(self):
         return f"Flow({self.name!r}, scheduler={self.scheduler!r}, sample_shape={self.sample_shape})"
 
+    def derived(self, velocity: Callable, **changes) -> Flow:
+        """A flow with another velocity field and these facts changed, all others the same as this one's."""
+        facts = dict(
+            scheduler=self.scheduler,
+            sample_shape=self.sample_shape,
+            cond_keys=self.cond_keys,
+            name=self.name,
+            ode_end=self.ode_end,
+            data_range=self.data_range,
+            fingerprint=self.fingerprint,
+            guidance=self.guidance,
+            dtype=self.dtype,
+            num_classes=self.num_classes,
+            info=self.info,
+            noise_scale=self.noise_scale,
+        )
+        return Flow(velocity, **{**facts, **changes})
+
     def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
         """The state at t = 0 for standard normal `noise`: noise_scale * noise."""
         return noise if self.noise_scale == 1.0 else self.noise_scale * noise
@@ -458,18 +476,22 @@ def scale_time_flow(flow: Flow, target: Scheduler) -> Flow:
         return (ds / s) * xb + dt * s * flow(st.t, xb / s, **cond)
 
     end = flow.ode_end if flow.ode_end >= 1.0 else float(target.t_of_log_snr(source.log_snr(flow.ode_end)))
-    return Flow(
-        velocity,
-        scheduler=target,
-        sample_shape=flow.sample_shape,
-        cond_keys=flow.cond_keys,
-        name=f"{flow.name}@{target!r}",
-        ode_end=end,
-        data_range=flow.data_range,
-        fingerprint=flow.fingerprint,
-        guidance=flow.guidance,
-        dtype=flow.dtype,
-        num_classes=flow.num_classes,
-        info=flow.info,
-        noise_scale=flow.noise_scale,
-    )
+    return flow.derived(velocity, scheduler=target, name=f"{flow.name}@{target!r}", ode_end=end)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_flow(flow: Flow, dtype) -> Flow:
+    """The flow with its network run under torch.autocast(dtype) (bf16/fp16 matmuls and convolutions):
+    the solver's state and coefficient math keep their own dtype (float32/float64), as autocast leaves
+    elementwise arithmetic alone. The same model, so the fingerprint is kept."""
+    dtype = AUTOCAST_DTYPES.get(dtype, dtype)
+    if dtype not in AUTOCAST_DTYPES.values():
+        raise BespokeError(f"autocast dtype must be one of {', '.join(AUTOCAST_DTYPES)}, got {dtype!r}")
+
+    def velocity(t, x, **cond):
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return flow(t, x, **cond).to(x.dtype)
+
+    return flow.derived(velocity, name=f"{flow.name}[autocast {dtype}]")

@@ -16,6 +16,7 @@ import torch
 import bespoke
 from bespoke import BespokeError
 from bespoke.distributed import local_device
+from bespoke.flows import autocast_flow
 from bespoke.io import atomic_path
 from bespoke.noise import draw_labels
 from bespoke.paths import SCHEDULERS
@@ -112,6 +113,12 @@ def add_model_args(p, *, labels: bool = True) -> None:
         metavar="W",
         help="classifier-free guidance weight, fm convention (1+w)*cond - w*uncond (default: the model's own)",
     )
+    p.add_argument(
+        "--autocast",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="run the network under torch.autocast in this dtype (the solver's math keeps float32/64)",
+    )
     if labels:
         p.add_argument(
             "--labels",
@@ -162,7 +169,7 @@ def load_flow(args):
     )
     if flow.sample_shape is None:
         raise BespokeError(f"{args.model} does not declare its sample shape, so noise cannot be drawn for it")
-    return flow
+    return autocast_flow(flow, args.autocast) if getattr(args, "autocast", None) else flow
 
 
 def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None]:

@@ -64,6 +64,11 @@ def register(sub) -> None:
     p.add_argument("--iterations", type=positive_int, default=300, help="Adam iterations per solver (default 300)")
     p.add_argument("--batch-size", type=positive_int, default=40, help="pairs per iteration (default 40)")
     p.add_argument("--lr", type=finite_float, default=1e-2, help="peak learning rate (default 1e-2)")
+    p.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute each step's network pass in the backward pass: memory flat in NFE, ~1.5x the time",
+    )
     p.add_argument("--force", action="store_true", help="use a GT cache or init file made for another model anyway")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
     add_run_args(p)
@@ -83,6 +88,7 @@ def train_file(
     sigma0=1.0,
     loss="bound",
     config=None,
+    grad_checkpoint=False,
     device=None,
     quiet=False,
 ) -> list:
@@ -90,7 +96,7 @@ def train_file(
     solvers = []
     for nfe in nfes:
         ckpt = Path(checkpoints) / f"{kind}-nfe{nfe}.pt"
-        common = dict(config=config, checkpoint=ckpt, device=device, quiet=quiet)
+        common = dict(config=config, checkpoint=ckpt, grad_checkpoint=grad_checkpoint, device=device, quiet=quiet)
         if kind == "bns":
             s = bespoke.train_bns(flow, train, val, nfe, init=init, sigma0=sigma0, **common)
         else:
@@ -160,6 +166,7 @@ def cmd_train(args) -> int:
         sigma0=args.precondition,
         loss=args.loss,
         config=config,
+        grad_checkpoint=args.grad_checkpoint,
         device=dev,
         quiet=args.quiet,
     )
