@@ -272,7 +272,8 @@ def main(argv=None) -> int:
         "schedulers run in float32 the way pipelines run them (`init_noise_sigma`, `scale_model_input`, `step`) "
         'with their default options except DDIM\'s `timestep_spacing="trailing"`; `(n)` = network calls when they '
         "differ from the step count (Heun). Our dedicated solvers: `bespoke.evaluate` in float64 on their "
-        "recommended grids (n/a: Heun and RK4 evaluate at t = 1, where the VP path is singular). BNS (300 Adam iterations) and RK2-Bespoke (200) are run by `BespokeScheduler` in the "
+        "recommended grids (n/a: Heun and RK4 evaluate at t = 1, where the VP path is singular). "
+        "BNS (300 Adam iterations) and RK2-Bespoke (200) are run by `BespokeScheduler` in the "
         "same diffusers loop as the peers; digits-vp's are those of the BNS and Bespoke benchmarks above (512 "
         "validation + 520 training pairs), the tiny UNet's are trained on 256 + 520 pairs of its own.",
     ]
