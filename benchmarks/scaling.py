@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,9 +48,10 @@ def probe(kind: str, model: str, nfe: int, batch: int, checkpoint: bool) -> dict
     with torch.no_grad():  # warm-up: weights touched, allocator and thread pools up
         flow(torch.tensor(0.5, dtype=torch.float64), x, labels=labels)
     before = _peak_mib()
-    if kind == "fwd+bwd":  # one network pass with the graph kept, then its backward
-        xx = x.clone().requires_grad_()
-        flow(torch.tensor(0.5, dtype=torch.float64), xx, labels=labels).pow(2).mean().backward()
+    if kind == "fwd+bwd":  # a network pass with the graph kept, then its backward (twice, as the training)
+        for _ in range(2):
+            xx = x.clone().requires_grad_()
+            flow(torch.tensor(0.5, dtype=torch.float64), xx, labels=labels).pow(2).mean().backward()
     else:  # BNS training steps: n network passes through the solver, back-propagated to its parameters
         solver = bespoke.BNSSolver.from_solver(bespoke.solver("midpoint", nfe), flow)
         for _ in range(2):
@@ -58,11 +60,15 @@ def probe(kind: str, model: str, nfe: int, batch: int, checkpoint: bool) -> dict
     return {"kind": kind, "nfe": nfe, "checkpoint": checkpoint, "peak_mib": _peak_mib() - before}
 
 
-def _subprocess_probe(args, kind: str, nfe: int, checkpoint: bool) -> dict:
+def _subprocess_probe(args, kind: str, nfe: int, checkpoint: bool, repeats: int = 3) -> float:
+    """The median peak (MiB) of `repeats` fresh processes: resident-set peaks vary by a few MiB run to run."""
     cmd = [sys.executable, str(HERE), "--probe", kind, "--model", args.model, "--batch", str(args.batch)]
     cmd += ["--probe-nfe", str(nfe)] + (["--checkpoint"] if checkpoint else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1200)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    peaks = []
+    for _ in range(repeats):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1200)
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
+    return statistics.median(peaks)
 
 
 def gt_throughput(args, procs: int) -> dict:
@@ -114,8 +120,8 @@ def main(argv=None) -> int:
         return 0
     started = time.perf_counter()
     nfes = [int(n) for n in args.nfe.split(",")]
-    unit = _subprocess_probe(args, "fwd+bwd", 0, False)["peak_mib"]
-    rows = {(n, c): _subprocess_probe(args, "bns", n, c)["peak_mib"] for n in nfes for c in (False, True)}
+    unit = _subprocess_probe(args, "fwd+bwd", 0, False)
+    rows = {(n, c): _subprocess_probe(args, "bns", n, c) for n in nfes for c in (False, True)}
     gt = [gt_throughput(args, p) for p in (1, 2)]
 
     cmd = (
@@ -128,7 +134,7 @@ def main(argv=None) -> int:
         f"Command: `{cmd}` · machine: {machine()}, no GPU.",
         "",
         f"Peak memory of BNS training on `zoo:{args.model}` (batch {args.batch}, float64 states, two training "
-        "steps), each in a fresh process, as the growth of the peak resident set after a warm-up forward pass; "
+        "steps), as the growth of the peak resident set after a warm-up forward pass, median of 3 fresh processes; "
         f"unit: one forward + backward pass of the model on the same batch ({unit:.0f} MiB).",
         "",
         "| NFE | without checkpointing | with per-step checkpointing |",
