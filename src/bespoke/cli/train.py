@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import bespoke
-from bespoke import BespokeError
+from bespoke import BespokeError, distributed
 from bespoke.solvers.files import KINDS
 
 from .common import (
@@ -102,8 +102,10 @@ def train_file(
         else:
             s = bespoke.train_bespoke(flow, train, val, nfe, order=int(kind[-1]), init=init, loss=loss, **common)
         solvers.append(s.cpu())
-    bespoke.save_solvers(out, solvers, flow)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if distributed.is_main():  # every rank holds the same solvers; one writes them
+        bespoke.save_solvers(out, solvers, flow)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    distributed.barrier()
     return solvers
 
 

@@ -421,6 +421,7 @@ def generate_gt(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BespokeError(f"{out} exists and is not a directory; choose another --out directory")
+    barrier()  # under torchrun every rank reads the directory before any writes to it, so all split alike
 
     if (out / MANIFEST).exists():
         manifest = _read_manifest(out)
@@ -458,6 +459,7 @@ def generate_gt(
         todo.append(k)
     if max_shards is not None:
         todo = todo[:max_shards]
+    barrier()
 
     try:
         out.mkdir(parents=True, exist_ok=True)
