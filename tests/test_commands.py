@@ -21,6 +21,11 @@ from bespoke.noise import draw_noise
 MODEL = ["--model", "zoo:gmm2d"]
 
 
+def train_bns_argv(gt) -> list:
+    """The BNS training (NFE 4 and 6, 6 iterations) whose file the `made` fixture holds."""
+    return ["train", *MODEL, "--solver", "bns", "--nfe", "4,6", "--gt", gt, "--val-samples", "16", "--iterations", "6"]
+
+
 def run(capsys, *argv) -> tuple[int, str, str]:
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -45,13 +50,11 @@ def made(tmp_path_factory):
     common = [*MODEL, "--gt", gt, "--val-samples", "16", "--iterations", "6", "--quiet"]
     steps = [
         ["gt", *MODEL, "--num", "48", "--out", gt, "--trajectory", "9", "--shard-size", "16", "--quiet"],
-        ["train", *common, "--solver", "bns", "--nfe", "4,6", "--out", bns],
+        [*train_bns_argv(gt), "--out", bns, "--quiet"],
         ["train", *common, "--solver", "bespoke-rk2", "--nfe", "4", "--out", rk2],
     ]
-    logs = []
     for argv in steps:
         assert cli.main([str(a) for a in argv]) == 0, argv
-        logs.append(argv)
     return {"tmp": tmp, "gt": gt, "bns": bns, "rk2": rk2}
 
 
@@ -408,21 +411,7 @@ def test_train_refuses_to_overwrite_unfinished_checkpoints_without_resume(made, 
 
 def test_train_resume_matches_an_uninterrupted_run(made, capsys, tmp_path, monkeypatch):
     """Kill training at its second NFE, resume with --resume: the file equals an uninterrupted run's."""
-    argv = [
-        "train",
-        *MODEL,
-        "--solver",
-        "bns",
-        "--nfe",
-        "4,6",
-        "--gt",
-        made["gt"],
-        "--val-samples",
-        "16",
-        "--iterations",
-        "6",
-        "--quiet",
-    ]
+    argv = [*train_bns_argv(made["gt"]), "--quiet"]
     real = bespoke.train_bns
     calls = []
 
@@ -512,24 +501,7 @@ def test_eval_plot_and_json_from_a_gt_cache(made, capsys, tmp_path):
 
 def test_train_with_grad_checkpoint_gives_the_same_solver(made, capsys, tmp_path):
     out = tmp_path / "c.safetensors"
-    argv = [
-        "train",
-        *MODEL,
-        "--solver",
-        "bns",
-        "--nfe",
-        "4,6",
-        "--gt",
-        made["gt"],
-        "--val-samples",
-        "16",
-        "--iterations",
-        "6",
-        "--grad-checkpoint",
-        "--out",
-        out,
-        "--quiet",
-    ]
+    argv = [*train_bns_argv(made["gt"]), "--grad-checkpoint", "--out", out, "--quiet"]
     assert run(capsys, *argv)[0] == 0
     a, b = load_file(out), load_file(made["bns"])
     for k in b:
