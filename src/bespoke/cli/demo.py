@@ -248,7 +248,7 @@ def _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock,
     return "\n".join(lines) + "\n"
 
 
-def _pictures(args, flow, cells, files, noise, reference, main_nfe, out) -> str:
+def _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, out) -> str:
     """PSNR-vs-NFE curves, the sample grid and the learned-parameter plot; returns the best dedicated solver."""
     at = {(c.solver, c.requested): c for c in cells if c.result is not None and c.run_at == c.requested}
     dedicated = [n for n in bespoke.SOLVER_NAMES if (n, main_nfe) in at]
@@ -270,7 +270,6 @@ def _pictures(args, flow, cells, files, noise, reference, main_nfe, out) -> str:
         data_range=flow.data_range,
         title=f"{args.model} at NFE {main_nfe}",
     )
-    learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
     plots.learned_parameters(
         (best, bespoke.solver(best, main_nfe)),
         [(LEARNED[s.kind], s) for s in learned_solvers if s.nfe == main_nfe],
@@ -345,7 +344,8 @@ def cmd_demo(args) -> int:
     fd = clock.run("FD-digits", lambda: _fd(cells, reference, flow))
 
     main_nfe = args.nfe[0]
-    best = clock.run("pictures", lambda: _pictures(args, flow, cells, files, noise, reference, main_nfe, out))
+    learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
+    best = clock.run("pictures", lambda: _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, out))
     settings = {
         "solver": gt_eval.manifest["solver"],
         "rtol": gt_eval.manifest["rtol"],
@@ -361,7 +361,6 @@ def cmd_demo(args) -> int:
     data = ev.eval_json(cells, settings, held)
     data["fd_digits"] = fd
     write_json_atomic(out / "results.json", data, "--out")
-    learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
     report = _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval, held)
     write_text_atomic(out / "report.md", report, "--out")
 
