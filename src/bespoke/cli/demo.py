@@ -183,7 +183,7 @@ def _psnr(c):
     return c.result.psnr_db if c.result is not None else None
 
 
-def _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval, files) -> str:
+def _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval) -> str:
     total = sum(t for t, _ in clock.steps.values())
     n_eval = len(gt_eval)
     lines = [
@@ -361,7 +361,7 @@ def cmd_demo(args) -> int:
     data = ev.eval_json(cells, settings, held)
     data["fd_digits"] = fd
     write_json_atomic(out / "results.json", data, "--out")
-    report = _report(args, flow, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval, held)
+    report = _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval)
     write_text_atomic(out / "report.md", report, "--out")
 
     header = ev.header(
