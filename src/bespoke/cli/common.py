@@ -18,6 +18,7 @@ from bespoke import BespokeError
 from bespoke.distributed import local_device
 from bespoke.flows import autocast_flow
 from bespoke.io import atomic_path
+from bespoke.models import SPEC_FORMS
 from bespoke.noise import draw_labels
 from bespoke.paths import SCHEDULERS
 
@@ -97,9 +98,7 @@ def labels_arg(text: str):
 
 def add_model_args(p, *, labels: bool = True) -> None:
     """--model, --path, --guidance (and --labels): which model, and how it is conditioned."""
-    p.add_argument(
-        "--model", required=True, metavar="SPEC", help="zoo:NAME, python:FILE.py:FUNC or MODULE:FUNC (e.g. zoo:gmm2d)"
-    )
+    p.add_argument("--model", required=True, metavar="SPEC", help=f"{SPEC_FORMS} (e.g. zoo:gmm2d)")
     p.add_argument(
         "--path",
         default=None,
