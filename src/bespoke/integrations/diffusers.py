@@ -24,9 +24,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ..errors import BespokeError
-from ..paths import CondOT, VPDiscrete
+from ..paths import VPDiscrete
 from ..solvers.common import lincomb
-from .diffusers_config import DiffusersSchedule, schedule_from_config
+from .diffusers_config import DIFFUSERS_PREDICTIONS, DiffusersSchedule, schedule_from_config
 
 __all__ = ["BespokeScheduler"]
 
@@ -176,11 +176,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         return int(hits[0]) if len(hits) else 0
 
     def _canonical(self, timesteps) -> torch.Tensor:
-        tau = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
-        n = self.config.num_train_timesteps
-        if isinstance(self._schedule.scheduler, CondOT):
-            return 1.0 - tau / n
-        return self._schedule.scheduler.time_of_timestep(tau)
+        return self._schedule.time_of(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
 
 
 def _ns_arrays(nfe, entry: dict) -> dict:
@@ -201,9 +197,7 @@ def _schedule_config(flow, prediction_type: str | None) -> dict:
         if info["schedule"]["family"] == "flow-matching":
             config["prediction_type"] = "flow_prediction"
         return config
-    kind = prediction_type or {"eps": "epsilon", "v": "v_prediction", "x1": "sample"}.get(
-        (info.get("recipe") or {}).get("prediction")
-    )
+    kind = prediction_type or DIFFUSERS_PREDICTIONS.get((info.get("recipe") or {}).get("prediction"))
     if isinstance(flow.scheduler, VPDiscrete) and kind is not None:
         ac = flow.scheduler.alphas_cumprod
         betas = torch.cat([1 - ac[:1], 1 - ac[1:] / ac[:-1]])

@@ -28,7 +28,7 @@ from ..errors import BespokeError
 from ..flows import canonical_prediction
 from ..paths import CondOT, Scheduler, VPDiscrete
 
-__all__ = ["DiffusersSchedule", "schedule_from_config", "SAMPLER_OPTIONS"]
+__all__ = ["DiffusersSchedule", "schedule_from_config", "SAMPLER_OPTIONS", "DIFFUSERS_PREDICTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ SAMPLER_OPTIONS = (
     "algorithm_type",
 )
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x1", "flow_prediction": "velocity"}
+DIFFUSERS_PREDICTIONS = {ours: theirs for theirs, ours in _PREDICTIONS.items()}  # our name -> diffusers
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DiffusersSchedule:
     prediction:  what the network predicts, in our names (eps, v, x1, velocity)
     sign:        +1, or -1 when the network's output is minus our prediction (flow models: v = -u)
     timestep:    canonical t (float64 tensor) -> the network's timestep
+    time_of:     its inverse, the network's timestep -> canonical t
     ode_end:     last canonical time the model is defined at (DESIGN §3)
     config:      the JSON-able description a BespokeScheduler stores to rebuild this
     """
@@ -71,6 +73,7 @@ class DiffusersSchedule:
     prediction: str
     sign: float
     timestep: Callable[[torch.Tensor], torch.Tensor]
+    time_of: Callable[[torch.Tensor], torch.Tensor]
     ode_end: float
     config: dict = field(default_factory=dict)
 
@@ -123,6 +126,7 @@ def schedule_from_config(config: dict, where: str = "scheduler config") -> Diffu
             prediction="velocity",
             sign=-1.0,
             timestep=lambda t: (1.0 - t) * n,
+            time_of=lambda tau: 1.0 - tau / n,
             ode_end=1.0,
             config={"family": "flow-matching", "num_train_timesteps": n},
         )
@@ -138,6 +142,7 @@ def schedule_from_config(config: dict, where: str = "scheduler config") -> Diffu
         prediction=canonical_prediction(_PREDICTIONS[kind]),
         sign=1.0,
         timestep=lambda t: path.timestep(t).clamp(min=0.0),  # fractional timesteps between the integers
+        time_of=path.time_of_timestep,
         ode_end=float(path.time_of_timestep(0.0)),
         config={"family": "ddpm", "num_train_timesteps": n, "prediction_type": kind},
     )
