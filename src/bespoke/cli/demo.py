@@ -346,18 +346,13 @@ def cmd_demo(args) -> int:
     main_nfe = args.nfe[0]
     learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
     best = clock.run("pictures", lambda: _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, out))
-    settings = {
-        "solver": gt_eval.manifest["solver"],
-        "rtol": gt_eval.manifest["rtol"],
-        "atol": gt_eval.manifest["atol"],
-        "nfe": gt_eval.nfe,
-        "gt_dir": str(cache / "gt-eval"),
-        "seed": args.seed,
-        "num": noise.shape[0],
-        "model": args.model,
-        "data_range": flow.data_range,
-        "bespoke_version": bespoke.__version__,
-    }
+    settings = dict(
+        ev.cache_settings(gt_eval, cache / "gt-eval"),
+        num=noise.shape[0],
+        model=args.model,
+        data_range=flow.data_range,
+        bespoke_version=bespoke.__version__,
+    )
     data = ev.eval_json(cells, settings, held)
     data["fd_digits"] = fd
     write_json_atomic(out / "results.json", data, "--out")

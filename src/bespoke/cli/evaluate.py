@@ -204,6 +204,20 @@ def eval_json(cells: list[Cell], settings: dict, files: dict) -> dict:
     return {"ground_truth": settings, "results": results, "skipped": skipped, "failed": failed}
 
 
+def cache_settings(cache, gt_dir) -> dict:
+    """The eval JSON's ground-truth settings for the pairs of a GT cache (`cache`: its first pairs, sliced)."""
+    m = cache.manifest
+    return {
+        "solver": m["solver"],
+        "rtol": m["rtol"],
+        "atol": m["atol"],
+        "nfe": cache.nfe,
+        "gt_dir": str(gt_dir),
+        "seed": m["seed"],
+        "seconds": sum(s["seconds"] for s in m["shards"] if s["start"] < len(cache)),
+    }
+
+
 def _reference(args, flow, dev):
     """(noise, reference samples, cond, labels text, ground-truth settings) from --gt or a dopri5 solve."""
     if args.gt is not None:
@@ -215,17 +229,7 @@ def _reference(args, flow, dev):
         noise = cache.noise.to(dev, torch.float64)
         cond = {k: v.to(dev) for k, v in cache.cond().items()}
         labels = None if cache.labels is None else f"from the GT cache (seed {cache.manifest['seed']})"
-        m = cache.manifest
-        settings = {
-            "solver": m["solver"],
-            "rtol": m["rtol"],
-            "atol": m["atol"],
-            "nfe": cache.nfe,
-            "gt_dir": str(args.gt),
-            "seed": m["seed"],
-            "seconds": sum(s["seconds"] for s in m["shards"] if s["start"] < num),
-        }
-        return noise, cache.samples.to(dev), cond, labels, settings
+        return noise, cache.samples.to(dev), cond, labels, cache_settings(cache, args.gt)
     num = 1000 if args.num is None else args.num
     cond, labels = conditioning(args, flow, num)
     cond = {k: v.to(dev) for k, v in cond.items()}
