@@ -282,7 +282,7 @@ def test_save_load_sample_round_trips_bit_for_bit(flow, trained, noise, tmp_path
         for n, s in trained.items():
             assert torch.equal(loaded[n].sample(flow, noise), s.sample(flow, noise))
     meta = read_metadata(path)
-    assert meta["format"] == "bespoke-solver" and meta["version"] == 1
+    assert meta["format"] == "bespoke-solver" and meta["version"] == 2
     assert meta["model"]["fingerprint"] == flow.fingerprint and meta["library_version"] == bespoke.__version__
     e = meta["solvers"]["4"]
     assert e["kind"] == "bns" and e["nfe"] == 4 and e["sigma0"] == 2.0 and e["init"] == "euler[uniform]"

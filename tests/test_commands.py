@@ -332,7 +332,7 @@ BAD = {
             "--out",
             "{tmp}/r.safetensors",
         ],
-        ["holds 16 pairs", "bespoke gt --num 108"],
+        ["holds 16 pairs", "bespoke gt --model zoo:gmm2d --num 108 --seed 0 --shard-size 16"],
     ),
     "train-precondition-bespoke": (
         [
@@ -351,6 +351,48 @@ BAD = {
     ),
     "demo-out-under-file": (["demo", *MODEL, "--fast", "--out", "{tmp}/a-file/demo"], ["--out", "a-file"]),
     "corrupt-gt-shard": (["eval", *MODEL, "--gt", "{gt_bad}", "--solvers", "euler", "--nfe", "4"], ["gt-bad", "shard"]),
+    "plot-not-png": (
+        ["eval", *MODEL, "--solvers", "euler", "--nfe", "4", "--num", "4", "--plot", "{tmp}/p.txt"],
+        ["--plot", "p.txt", ".png"],
+    ),
+    "grid-not-png": (
+        [*["sample", *MODEL], "--solver", "euler", "--nfe", "4", "--num", "2", "--out", "{tmp}/o.safetensors"]
+        + ["--grid", "{tmp}/g.jpg"],
+        ["--grid", "g.jpg", ".png"],
+    ),
+    "sample-nfe-beyond-memory": (
+        [*["sample", *MODEL], "--solver", "euler", "--nfe", str(10**12), "--num", "2", "--out", "{tmp}/o.safetensors"],
+        ["NFE 1000000000000", "needs about", "available in cpu memory"],
+    ),
+    "sample-num-beyond-disk": (
+        [*["sample", *MODEL], "--solver", "euler", "--nfe", "4", "--num", str(10**14), "--out", "{tmp}/o.safetensors"],
+        ["100000000000000 samples", "needs about", "free on the disk"],
+    ),
+    "eval-nfe-beyond-memory": (
+        ["eval", *MODEL, "--solvers", "euler", "--nfe", str(10**12)],
+        ["NFE up to 1000000000000", "needs about", "--num"],
+    ),
+    "eval-num-beyond-memory": (
+        ["eval", *MODEL, "--solvers", "euler", "--nfe", "4", "--num", str(10**12)],
+        ["evaluating 1000000000000 samples", "needs about"],
+    ),
+    "train-nfe-beyond-memory": (
+        ["train", *MODEL, "--solver", "bns", "--nfe", str(10**9), "--out", "{tmp}/r.safetensors"],
+        ["training a solver at NFE 1000000000", "needs about", "lower --nfe"],
+    ),
+    "gt-num-beyond-disk": (
+        ["gt", *MODEL, "--num", str(10**14), "--out", "{tmp}/gt-huge"],
+        ["GT cache of 100000000000000 pairs", "needs about", "free on the disk"],
+    ),
+    "eval-missing-solver-file": (
+        ["eval", *MODEL, "--solvers", "euler,{tmp}/none.safetensors", "--nfe", "4", "--num", "4"],
+        ["none.safetensors is missing"],
+    ),
+    "model-returns-wrong-shape": (
+        [*["sample", "--model", "python:{wrong_model}:make"], "--solver", "euler", "--nfe", "4", "--num", "3"]
+        + ["--out", "{tmp}/o.safetensors", "--quiet"],
+        ["returned (1, 2) for an input of shape (3, 2)", "eps prediction"],
+    ),
     "sample-labels-out-of-range": (
         [
             *["sample", *MODEL],
@@ -376,6 +418,12 @@ def bad_files(made):
     tmp.mkdir()
     (tmp / "a-file").write_text("x")
     save_file({"noise": torch.randn(3, 5)}, str(tmp / "wrong.safetensors"))
+    (made["tmp"] / "wrongmodel.py").write_text(  # outside tmp: its bytecode cache must not count as output
+        "import torch\n\n"
+        "def make():\n"
+        "    net = lambda x, t: x[:1]  # one sample for the whole batch: would broadcast silently\n"
+        "    return net, {'prediction': 'eps', 'scheduler': 'condot', 'sample_shape': (2,)}\n"
+    )
     assert cli.main(["gt", *MODEL, "--num", "16", "--shard-size", "16", "--out", str(tmp / "gt-plain"), "--quiet"]) == 0
     shutil.copytree(tmp / "gt-plain", tmp / "gt-bad")
     shard = sorted((tmp / "gt-bad").glob("*.safetensors"))[0]
@@ -387,6 +435,7 @@ def bad_files(made):
         "gt": made["gt"],
         "gt_plain": tmp / "gt-plain",
         "wrong_noise": tmp / "wrong.safetensors",
+        "wrong_model": made["tmp"] / "wrongmodel.py",
         "corrupt": _corrupt(tmp / "corrupt.safetensors"),
     }
 
@@ -431,6 +480,74 @@ def test_train_resume_matches_an_uninterrupted_run(made, capsys, tmp_path, monke
     assert resumed.keys() == whole.keys()
     for k in whole:
         assert torch.equal(resumed[k], whole[k]), k
+
+
+def test_resume_with_another_nfe_keeps_the_other_runs_checkpoints(made, capsys, tmp_path, monkeypatch):
+    """A run killed at NFE 6 leaves bns-nfe6.pt; `--resume --nfe 4` trains NFE 4 and must not delete it."""
+    from bespoke.train import loop
+
+    out = tmp_path / "k.safetensors"
+    real = loop._save_checkpoint
+
+    def killed_after_saving(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", killed_after_saving)
+    argv = ["train", *MODEL, "--solver", "bns", "--gt", made["gt"], "--val-samples", "16", "--iterations", "6"]
+    rc, _, err = run(capsys, *argv, "--nfe", "6", "--out", out, "--quiet")
+    assert rc == 130 and "with --resume" in err  # the Ctrl-C message says how to continue
+    ckpt = tmp_path / "k.safetensors.ckpt" / "bns-nfe6.pt"
+    before = ckpt.read_bytes()
+    monkeypatch.setattr(loop, "_save_checkpoint", real)
+    rc, _, err = run(capsys, *argv, "--nfe", "4", "--out", out, "--resume")
+    assert rc == 0 and "bns-nfe6.pt" in err and "kept" in err
+    assert ckpt.read_bytes() == before and sorted(bespoke.load_solvers(out)) == [4]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["bns-nfe6.pt"]  # NFE 4's own checkpoint is gone
+    rc, _, err = run(capsys, *argv, "--nfe", "6", "--out", out, "--resume", "--quiet")  # and it still resumes
+    assert rc == 0 and not ckpt.parent.exists() and sorted(bespoke.load_solvers(out)) == [6]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(made, tmp_path_factory):
+    """A real checkpoint of BNS training at NFE 4 (the state `train --resume` reads)."""
+    from bespoke.train import loop
+
+    out = tmp_path_factory.mktemp("ckpt") / "c.safetensors"
+    argv = ["train", *MODEL, "--solver", "bns", "--nfe", "4", "--gt", made["gt"], "--val-samples", "16"]
+    real = loop._save_checkpoint
+
+    def killed_after_saving(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    loop._save_checkpoint = killed_after_saving
+    try:
+        assert cli.main([str(a) for a in [*argv, "--iterations", "6", "--out", out, "--quiet"]]) == 130
+    finally:
+        loop._save_checkpoint = real
+    return torch.load(f"{out}.ckpt/bns-nfe4.pt", weights_only=True), argv
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda st: [1, 2], "not a training checkpoint"),
+        (lambda st: {k: v for k, v in st.items() if k != "adam"}, "no adam"),
+        (lambda st: dict(st, module={k: v[:1] for k, v in st["module"].items()}), "wrong structure"),
+        (lambda st: dict(st, history="x"), "wrong structure"),
+        (lambda st: dict(st, best_val="x"), "wrong structure"),
+        (lambda st: dict(st, best={}), "wrong structure"),
+        (lambda st: dict(st, signature=[]), "another training run"),
+    ],
+)
+def test_a_checkpoint_of_the_wrong_structure_is_one_line_exit_2(damage, words, checkpoint, capsys, tmp_path):
+    state, argv = checkpoint
+    out = tmp_path / "c.safetensors"
+    (tmp_path / "c.safetensors.ckpt").mkdir()
+    torch.save(damage(state), tmp_path / "c.safetensors.ckpt" / "bns-nfe4.pt")
+    one_line_error(run(capsys, *argv, "--iterations", "6", "--out", out, "--resume"), words, "delete")
+    assert not out.exists() and (tmp_path / "c.safetensors.ckpt" / "bns-nfe4.pt").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -506,3 +623,75 @@ def test_train_with_grad_checkpoint_gives_the_same_solver(made, capsys, tmp_path
     a, b = load_file(out), load_file(made["bns"])
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12)
+
+
+def test_sample_streams_each_batch_to_the_file(made, capsys, tmp_path, monkeypatch):
+    """Noise is read and samples are written one batch at a time; the file equals one big in-memory solve."""
+    from bespoke.cli import common
+    from bespoke.io import StreamedTensors
+
+    noise_file, out = tmp_path / "n.safetensors", tmp_path / "o.safetensors"
+    noise = torch.randn(23, 2, dtype=torch.float64)
+    save_file({"noise": noise, "labels": torch.arange(23) % 3}, str(noise_file))
+    writes, reads = [], []
+    real_write, real_noise = StreamedTensors.write, common.NoiseFile.noise
+    monkeypatch.setattr(
+        StreamedTensors, "write", lambda f, name, a, rows: writes.append(rows.shape[0]) or real_write(f, name, a, rows)
+    )
+    monkeypatch.setattr(common.NoiseFile, "noise", lambda f, a, b: reads.append(b - a) or real_noise(f, a, b))
+    argv = ["sample", *MODEL, "--solver", "dpm++2m", "--nfe", "6", "--noise", noise_file, "--out", out]
+    assert run(capsys, *argv, "--batch-size", "10", "--dtype", "float64", "--quiet")[0] == 0
+    assert reads == [10, 10, 3] and writes == [10, 10, 10, 10, 10, 10, 3, 3, 3]  # noise, samples, labels
+    got, flow = load_file(out), bespoke.load_model("zoo:gmm2d")
+    with torch.no_grad():
+        direct = bespoke.solver("dpm++2m", 6).sample(flow, noise, labels=torch.arange(23) % 3)
+    assert torch.equal(got["noise"], noise) and torch.equal(got["labels"], torch.arange(23) % 3)
+    torch.testing.assert_close(got["samples"], direct, rtol=0, atol=1e-12)
+
+
+def test_eval_reports_n_a_for_a_solver_that_cannot_run_on_the_model(capsys, tmp_path):
+    """heun and rk4 evaluate an eps/VP model at t = 1, where it is singular: n/a cells, exit 0."""
+    (tmp_path / "epsmodel.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def make():
+                torch.manual_seed(0)
+                net = torch.nn.Linear(2, 2).double()
+                return (lambda x, t: net(x)), {"prediction": "eps", "scheduler": "vp", "sample_shape": (2,)}
+            """
+        )
+    )
+    out = tmp_path / "e.json"
+    argv = ["eval", "--model", f"python:{tmp_path / 'epsmodel.py'}:make", "--solvers", "all", "--nfe", "4"]
+    rc, stdout, err = run(capsys, *argv, "--num", "8", "--json", out, "--quiet")
+    assert rc == 0, err
+    rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines() if line[:1].isalpha()}
+    assert rows["heun"] == ["n/a"] and rows["rk4"] == ["n/a"] and rows["dpm++2m"][0] != "n/a"
+    assert "n/a heun: cannot run on this model" in stdout and "singular" in stdout
+    data = json.loads(out.read_text())
+    assert {s["solver"] for s in data["skipped"]} == {"heun", "rk4"} and data["failed"] == []
+
+
+def test_eval_checks_solver_files_before_solving_the_ground_truth(capsys, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the ground truth was solved before the solver files were checked")
+
+    monkeypatch.setattr(bespoke, "ground_truth", never)
+    argv = ["eval", *MODEL, "--solvers", f"euler,{tmp_path / 'none.safetensors'}", "--nfe", "4", "--num", "4"]
+    one_line_error(run(capsys, *argv), "none.safetensors is missing")
+
+
+def test_the_command_that_extends_a_small_cache_works(made, capsys, tmp_path):
+    """`train` on too small a cache suggests a `bespoke gt` command; run as given, it makes training possible."""
+    gt = tmp_path / "gt"
+    shutil.copytree(made["gt"], gt)
+    argv = ["train", *MODEL, "--solver", "bespoke-rk2", "--nfe", "4", "--gt", gt, "--val-samples", "16"]
+    argv += ["--train-samples", "40", "--iterations", "2", "--out", tmp_path / "r.safetensors", "--quiet"]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "--trajectory 9" in err
+    suggested = err.split("`")[1]
+    assert suggested.startswith("bespoke gt ")
+    assert cli.main(suggested.split()[1:] + ["--quiet"]) == 0
+    assert run(capsys, *argv)[0] == 0

@@ -306,6 +306,32 @@ def test_non_finite_velocity_is_an_error():
         flow(0.5, randn(4, 2))
 
 
+@pytest.mark.parametrize(
+    "net, got",
+    [
+        (lambda x, t: x[:1], r"\(1, 2\)"),  # one sample for the batch: would broadcast silently
+        (lambda x, t: x[:, :1], r"\(4, 1\)"),  # one coordinate: would broadcast too
+        (lambda x, t: x.sum(1), r"\(4,\)"),
+        (lambda x, t: torch.cat([x, x]), r"\(8, 2\)"),
+    ],
+)
+def test_a_model_returning_the_wrong_shape_is_a_one_line_error(net, got):
+    flow = bespoke.from_network(net, prediction="eps", scheduler=CondOT(), name="mynet", sample_shape=(2,))
+    with pytest.raises(BespokeError, match=rf"mynet returned {got} for an input of shape \(4, 2\); .*eps prediction"):
+        flow(0.5, randn(4, 2))
+    bare = bespoke.Flow(lambda t, x: net(x, t), name="myfield")  # a velocity field given directly
+    with pytest.raises(BespokeError, match=rf"myfield returned {got} .*velocity"):
+        bare(0.5, randn(4, 2))
+
+
+def test_a_guided_model_returning_one_half_of_the_pair_is_caught():
+    net = lambda x, t, labels: x[: x.shape[0] // 2]  # noqa: E731  (ignores the batched null half)
+    g = Guidance(2.0, "fm", {"labels": 10})
+    flow = bespoke.from_network(net, prediction="velocity", scheduler=CondOT(), guidance=g, name="half")
+    with pytest.raises(BespokeError, match=r"half returned \(4, 2\) for an input of shape \(8, 2\)"):
+        flow(0.5, randn(4, 2), labels=torch.zeros(4, dtype=torch.long))
+
+
 def test_autocast_flow_runs_the_network_in_bf16_and_keeps_the_state_dtype():
     from bespoke.flows import autocast_flow
 

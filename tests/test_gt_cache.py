@@ -1,11 +1,21 @@
 """The ground-truth cache: deterministic pairs, shards + manifest, resume, validation (DESIGN §6)."""
 
+import io
 import json
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bespoke
+import bespoke.cli
 from bespoke import BespokeError
 from bespoke.noise import draw_labels, draw_noise
 from bespoke.train import GTCache, generate_gt, load_gt
@@ -310,3 +320,220 @@ def test_shards_written_but_not_yet_in_the_manifest_are_adopted(flow, reference,
     assert {k: v for k, v in after.items() if k.startswith("shard")} == {
         k: v for k, v in before.items() if k.startswith("shard")
     }  # no shard was solved again
+
+
+# --- a run that fails before its first shard ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_a_run_that_fails_before_its_first_shard_leaves_nothing_that_refuses_other_settings(flow, tmp_path, failure):
+    def failing(t, x, **cond):
+        raise failure("the model failed")
+
+    with pytest.raises(failure, match="the model failed"):
+        generate_gt(flow.derived(failing), tmp_path, num=SIZE, shard_size=SIZE, seed=1, quiet=True)
+    assert not (tmp_path / "manifest.json").exists()
+    cache = generate_gt(flow, tmp_path, num=SIZE, shard_size=SIZE, seed=2, rtol=1e-6, quiet=True)
+    assert len(cache) == SIZE and (cache.manifest["seed"], cache.manifest["rtol"]) == (2, 1e-6)
+    assert same(load_gt(tmp_path, flow), cache)
+
+
+def test_an_empty_manifest_of_an_older_version_gives_way_unless_shard_files_exist(flow, tmp_path):
+    generate_gt(flow, tmp_path, num=SIZE, shard_size=SIZE, seed=1, quiet=True)
+    edit_manifest(tmp_path, shards=[])  # what older versions left when the first shard failed
+    with pytest.raises(BespokeError, match="holds no pairs yet.*bespoke gt --model SPEC --num N --out"):
+        load_gt(tmp_path, flow)
+    with pytest.raises(BespokeError, match="other settings: seed=1"):  # a shard file would be lost: refused
+        generate_gt(flow, tmp_path, num=SIZE, shard_size=SIZE, seed=2, quiet=True)
+    (tmp_path / "shard-00000.safetensors").unlink()
+    cache = generate_gt(flow, tmp_path, num=SIZE, shard_size=SIZE, seed=2, quiet=True)  # nothing to lose: afresh
+    assert cache.manifest["seed"] == 2 and same(load_gt(tmp_path, flow), cache)
+    empty = generate_gt(flow, tmp_path / "none", num=SIZE, shard_size=SIZE, max_shards=0, quiet=True)
+    assert len(empty) == 0 and not empty.manifest["complete"] and not (tmp_path / "none" / "manifest.json").exists()
+
+
+# --- damaged manifests: always a one-line BespokeError, never another exception ----------------------
+
+GEN = {"num": 2 * SIZE, "shard_size": SIZE, "seed": 5, "trajectory": 3, "quiet": True}
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([0, 1, 2, -1, 10**400])
+    | st.floats()
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+VALUE = JSON | st.fixed_dictionaries({"weight": JSON, "convention": JSON})  # guidance-like objects too
+FUZZ = settings(max_examples=30, deadline=None, database=None)
+
+
+@pytest.fixture(scope="module")
+def small(flow, tmp_path_factory):
+    """A 2-shard cache with labels and trajectories (every manifest field in use) and its manifest."""
+    path = tmp_path_factory.mktemp("small")
+    generate_gt(flow, path, **GEN)
+    return path, json.loads((path / "manifest.json").read_text())
+
+
+def _fields(manifest: dict) -> list[tuple]:
+    """The path of every field: top-level keys, shard entries and their keys."""
+    shards = manifest["shards"]
+    return (
+        [(key,) for key in manifest]
+        + [("shards", k) for k in range(len(shards))]
+        + [("shards", k, key) for k, entry in enumerate(shards) for key in entry]
+    )
+
+
+def _edited(manifest: dict, field: tuple, value=None, delete=False) -> dict:
+    m = json.loads(json.dumps(manifest))
+    *parents, last = field
+    target = m
+    for key in parents:
+        target = target[key]
+    if delete:
+        del target[last]
+    else:
+        target[last] = value
+    return m
+
+
+def _cache_or_error(call) -> None:
+    try:
+        assert isinstance(call(), GTCache)
+    except BespokeError as e:
+        assert "\n" not in str(e)
+
+
+def _info(path) -> tuple[int, str]:
+    """`bespoke info PATH`: (exit code, stderr)."""
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
+        return bespoke.cli.main(["info", str(path)]), err.getvalue()
+
+
+def _loads_or_refuses(small, flow, manifest) -> None:
+    """load_gt with and without the model, `bespoke info` and a resumed generate_gt on a copy of the cache with
+    this manifest (bytes or JSON): a GTCache (info: exit 0) or a one-line BespokeError (exit 2), nothing else."""
+    data = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "gt"
+        shutil.copytree(small[0], path)
+        (path / "manifest.json").write_bytes(data)
+        _cache_or_error(lambda: load_gt(path, flow))
+        _cache_or_error(lambda: load_gt(path))
+        code, err = _info(path)
+        assert code in (0, 2), err
+        _cache_or_error(lambda: generate_gt(flow, path, **GEN))
+
+
+@FUZZ
+@given(data=st.data(), value=VALUE)
+def test_any_field_replaced_by_any_json_value(flow, small, data, value):
+    _loads_or_refuses(small, flow, _edited(small[1], data.draw(st.sampled_from(_fields(small[1]))), value))
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_field_deleted(flow, small, data):
+    _loads_or_refuses(small, flow, _edited(small[1], data.draw(st.sampled_from(_fields(small[1]))), delete=True))
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_json_as_the_manifest(flow, small, data):
+    fields = {key: st.just(value) | JSON for key, value in small[1].items() if key not in ("format", "version")}
+    headed = st.fixed_dictionaries({"format": st.just("bespoke-gt"), "version": st.just(1)}, optional=fields)
+    _loads_or_refuses(small, flow, data.draw(JSON | headed))
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_bytes_as_the_manifest(flow, small, data):
+    good = (small[0] / "manifest.json").read_bytes()
+    cut = st.integers(0, len(good)).map(lambda n: good[:n])
+    flipped = st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)).map(
+        lambda p: good[: p[0]] + bytes([good[p[0]] ^ p[1]]) + good[p[0] + 1 :]
+    )
+    _loads_or_refuses(small, flow, data.draw(st.binary(max_size=200) | cut | flipped))
+
+
+DELETE = object()
+UNUSUAL = [  # manifests validation passes, however unusual: `bespoke info` prints them
+    (("guidance",), {"weight": 2, "convention": "cfg"}),
+    (("fingerprint",), None),
+    (("scheduler",), None),
+    (("rtol",), 1),
+    (("num",), 10**400),
+    (("seed",), -3),
+    (("model",), ""),
+    (("noise_scale",), DELETE),
+    (("shards", 1, "seconds"), 0),
+]
+DAMAGED = [  # and ones it refuses: exit 2 with one line naming the field
+    (("rtol",), "x", "'rtol' must be a positive number, got 'x'"),
+    (("shards", 0, "nfe"), DELETE, "'nfe' of shard entry 0 is missing"),
+    (("shards", 1, "seconds"), float("nan"), "'seconds' of shard entry 1 must be a number >= 0, got nan"),
+    (("shards", 1, "sha256"), "abc", "'sha256' of shard entry 1 must be 64 hex digits"),
+    (("trajectory",), 1, "'trajectory' must be 0 or an integer >= 2, got 1"),
+    (("ode_end",), DELETE, "'ode_end' is missing"),
+    (("num_classes",), None, "'labels' is True but 'num_classes' is None"),
+    (("guidance",), {"weight": "1", "convention": "fm"}, "'guidance' must be null or"),
+    (("seed",), True, "'seed' must be an integer, got True"),
+    (("shards",), [], "holds no pairs yet"),
+    (("version",), True, "manifest version True"),
+]
+
+
+def _copy_with(source: Path, dest: Path, field: tuple, value) -> Path:
+    shutil.copytree(source, dest)
+    manifest = json.loads((source / "manifest.json").read_text())
+    edited = _edited(manifest, field, delete=True) if value is DELETE else _edited(manifest, field, value)
+    (dest / "manifest.json").write_text(json.dumps(edited))
+    return dest
+
+
+def test_info_prints_every_manifest_that_validation_passes(small, reference, tmp_path):
+    guided = bespoke.load_model("zoo:gmm2d", guidance=1.0)
+    generate_gt(guided, tmp_path / "guided", num=SIZE, shard_size=SIZE, quiet=True)
+    old = _copy_with(reference.path, tmp_path / "old", ("ode_end",), DELETE)  # no trajectories: ode_end optional
+    for path in [tmp_path / "guided", old, small[0]]:
+        assert _info(path) == (0, "")
+    for k, (field, value) in enumerate(UNUSUAL):
+        path = _copy_with(small[0], tmp_path / f"unusual{k}", field, value)
+        assert _info(path) == (0, ""), field
+        assert isinstance(load_gt(path), GTCache)
+    with redirect_stdout(io.StringIO()) as out:
+        assert bespoke.cli.main(["info", str(tmp_path / "unusual0")]) == 0
+    assert "guidance w=2 (cfg)" in out.getvalue() and "trajectories at 3 times" in out.getvalue()
+    for k, (field, value, message) in enumerate(DAMAGED):
+        code, err = _info(_copy_with(small[0], tmp_path / f"damaged{k}", field, value))
+        assert code == 2 and message in err and err.count("\n") == 1, (field, err)
+
+
+def test_suggested_commands_are_ones_the_cli_accepts(flow, small, tmp_path):
+    """Every `bespoke ...` command the errors of this module suggest parses, placeholders filled in."""
+    cosine = bespoke.load_model("zoo:gmm2d", path="cosine")
+    corrupt = _copy_with(small[0], tmp_path / "corrupt", ("shards", 0, "sha256"), "0" * 64)
+    missing = Path(shutil.copytree(small[0], tmp_path / "missing"))
+    (missing / "shard-00001.safetensors").unlink()
+    attempts = [
+        lambda: load_gt(tmp_path / "nothing"),
+        lambda: load_gt(tmp_path),
+        lambda: load_gt(small[0], cosine),
+        lambda: load_gt(corrupt),
+        lambda: load_gt(missing),
+        lambda: generate_gt(flow, small[0], **(GEN | {"seed": 6})),
+    ] + [lambda d=d: load_gt(_copy_with(small[0], tmp_path / f"d{d}", *DAMAGED[d][:2])) for d in (0, 9, 10)]
+    commands = []
+    for attempt in attempts:
+        with pytest.raises(BespokeError) as err:
+            attempt()
+        commands += re.findall(r"`(bespoke [^`]*)`", str(err.value))
+    assert len(commands) >= len(attempts) - 1  # "use another --out directory" names no command
+    fill = {"SPEC": "zoo:gmm2d", "N": "4", "DIR": "gt", "NEW_DIR": "gt2"}
+    for command in commands:
+        args = bespoke.cli.build_parser().parse_args([fill.get(w, w) for w in command.split()[1:]])
+        assert args.command == "gt" and args.num == 4, command

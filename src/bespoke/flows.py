@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import BespokeError, NonFiniteVelocity
+from .errors import BespokeError, NonFiniteVelocity, SingularEnd
 from .io import weights_fingerprint
 from .paths import Scheduler, VPDiscrete
 
@@ -293,19 +293,19 @@ class Flow:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         u = self._velocity(t.to(device=x.device), x, **cond)
         self.nfe += 1
+        check_output(self.name, u, x, "velocity")
         if not torch.isfinite(u).all():
             bad = ~torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
             tt = t[bad.nonzero()[0, 0]].item() if t.numel() == u.shape[0] else t.flatten()[0].item()
+            error, why = NonFiniteVelocity, "check the model and its inputs (dtype, scale of the noise)"
             if not 0.0 <= tt <= 1.0:
                 why = "outside the time range [0, 1]"
             elif tt >= self.ode_end:
-                why = (
+                error, why = SingularEnd, (
                     "at the data end, where VP-type paths are singular: use a solver that does not "
                     "evaluate there, e.g. ddim, dpm++2m, unipc or edm-heun"
                 )
-            else:
-                why = "check the model and its inputs (dtype, scale of the noise)"
-            raise NonFiniteVelocity(f"{self.name} returned a non-finite velocity at t = {tt:.6g}: {why}")
+            raise error(f"{self.name} returned a non-finite velocity at t = {tt:.6g}: {why}")
         return u
 
     @contextmanager
@@ -352,6 +352,16 @@ def _network_cond_keys(net: Callable) -> tuple[tuple[str, ...], bool]:
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     keys = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
     return keys, var_kw
+
+
+def check_output(name: str, out, x: torch.Tensor, what: str) -> None:
+    """A model's output must be a tensor of its input's shape (batch included), or a one-line error."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BespokeError(
+            f"{name} returned {got} for an input of shape {tuple(x.shape)}; the model must return its {what} "
+            "with the input's shape (batch included): check the network's output and its sample_shape"
+        )
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -432,7 +442,9 @@ def from_network(
         # the network runs in its own dtype; the state and the coefficient math keep theirs (e.g. float64)
         xin = x if net_dtype is None else x.to(net_dtype)
         tin = to_net_time(t.to("cpu", torch.float64)).to(device=x.device, dtype=xin.dtype)
-        return _output_tensor(net(xin, tin, **cond)).to(x.dtype)
+        out = _output_tensor(net(xin, tin, **cond))
+        check_output(name, out, xin, f"{kind} prediction")
+        return out.to(x.dtype)
 
     if guidance is not None:
         unknown = [k for k in guidance.null if k not in cond_keys]

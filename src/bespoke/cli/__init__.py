@@ -13,9 +13,12 @@ Exit codes: 0 success; 2 bad input (one line `bespoke: error: ...` on stderr); 1
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import bespoke
@@ -28,6 +31,12 @@ from .common import Parser, device, print_error
 __all__ = ["main", "build_parser"]
 
 COMMANDS = (demo, gt, train, sample, evaluate, info)
+# what Ctrl-C leaves behind, per command, and how to go on from there
+INTERRUPTED = {
+    "gt": "the shards solved so far are kept; run the same command again to resume",
+    "train": "the checkpoints in OUT.ckpt/ are kept; run the same command with --resume to continue",
+    "demo": "finished steps are cached under OUT/cache/; run the same command again to resume",
+}
 
 
 def build_parser() -> Parser:
@@ -65,9 +74,33 @@ def _log_to_stderr(quiet: bool) -> None:
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's time limit) is handled like Ctrl-C, so that temporary files are removed
+    and the message says what was kept; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    with _terminate_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         _join_process_group(args)
@@ -81,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(e))
         return 2
     except KeyboardInterrupt:
-        print("bespoke: interrupted (finished work is kept; run the same command again to resume)", file=sys.stderr)
+        what = INTERRUPTED.get(getattr(args, "command", None), "nothing was written")
+        print(f"bespoke: interrupted ({what})", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("BESPOKE_DEBUG") == "1":

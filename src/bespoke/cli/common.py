@@ -234,6 +234,12 @@ def check_writable(path, flag: str) -> None:
     os.unlink(tmp)
 
 
+def check_picture_path(path, flag: str) -> None:
+    """Pictures are PNGs: refuse a name that says otherwise (p.txt would hold a PNG)."""
+    if not str(path).lower().endswith(".png"):
+        raise BespokeError(f"{flag} {path}: pictures are written as PNG; give a file name ending in .png")
+
+
 def write_json_atomic(path, obj, flag: str = "--json") -> None:
     with atomic_path(path, flag) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")
@@ -244,39 +250,40 @@ def write_text_atomic(path, text: str, flag: str) -> None:
         Path(tmp).write_text(text)
 
 
-def write_samples(path, tensors: dict[str, torch.Tensor], meta: dict, flag: str = "--out") -> None:
-    """A noise/samples file (DESIGN §6): safetensors with `noise`, `samples` (and `labels`), atomically."""
-    from safetensors.torch import save_file
+class NoiseFile:
+    """The `noise` (and optional `labels`) of a safetensors file, validated up front and read batch by batch,
+    so a noise file larger than memory can be sampled from."""
 
-    with atomic_path(path, flag) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"bespoke": json.dumps(meta)}
-        )
+    def __init__(self, path, flow):
+        from safetensors import safe_open
 
+        if not os.path.isfile(path):
+            raise BespokeError(f"--noise {path}: no such file")
+        try:
+            self._file = safe_open(str(path), "pt")
+            names = set(self._file.keys())
+            shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in names & {"noise", "labels"}}
+            dtypes = {k: self._file.get_slice(k).get_dtype() for k in shapes}
+        except Exception as e:
+            raise BespokeError(f"--noise {path} is not a safetensors file ({type(e).__name__}: {e})") from None
+        if "noise" not in names:
+            has = ", ".join(sorted(names)) or "nothing"
+            raise BespokeError(f"--noise {path} has no 'noise' tensor (it has: {has})")
+        shape, sample = shapes["noise"], tuple(flow.sample_shape)
+        if dtypes["noise"] not in ("F64", "F32", "F16", "BF16") or shape[1:] != sample or not shape:
+            raise BespokeError(
+                f"--noise {path}: 'noise' is {dtypes['noise']} {shape}, but {flow.name} takes floating-point "
+                f"(batch, {', '.join(map(str, sample))})"
+            )
+        self.num, self.has_labels = shape[0], "labels" in shapes
+        if self.has_labels and (dtypes["labels"] != "I64" or shapes["labels"] != (self.num,)):
+            raise BespokeError(
+                f"--noise {path}: 'labels' must be int64 of shape ({self.num},), got {dtypes['labels']} "
+                f"{shapes['labels']}"
+            )
 
-def read_noise(path, flow) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(noise, labels or None) from a safetensors file with a `noise` tensor shaped (batch, *sample_shape)."""
-    from safetensors.torch import load_file
+    def noise(self, start: int, stop: int) -> torch.Tensor:
+        return self._file.get_slice("noise")[start:stop]
 
-    if not os.path.isfile(path):
-        raise BespokeError(f"--noise {path}: no such file")
-    try:
-        tensors = load_file(path)
-    except Exception as e:
-        raise BespokeError(f"--noise {path} is not a safetensors file ({type(e).__name__}: {e})") from None
-    if "noise" not in tensors:
-        raise BespokeError(f"--noise {path} has no 'noise' tensor (it has: {', '.join(sorted(tensors)) or 'nothing'})")
-    noise = tensors["noise"]
-    shape = tuple(flow.sample_shape)
-    if not noise.is_floating_point() or noise.dim() != 1 + len(shape) or tuple(noise.shape[1:]) != shape:
-        raise BespokeError(
-            f"--noise {path}: 'noise' is {noise.dtype} {tuple(noise.shape)}, but {flow.name} takes floating-point "
-            f"(batch, {', '.join(map(str, shape))})"
-        )
-    labels = tensors.get("labels")
-    if labels is not None and (labels.dtype != torch.long or tuple(labels.shape) != (noise.shape[0],)):
-        raise BespokeError(
-            f"--noise {path}: 'labels' must be int64 of shape ({noise.shape[0]},), got {labels.dtype} "
-            f"{tuple(labels.shape)}"
-        )
-    return noise, labels
+    def labels(self, start: int, stop: int) -> torch.Tensor:
+        return self._file.get_slice("labels")[start:stop]

@@ -9,6 +9,7 @@ The ground truth is a dopri5 solve of --num samples drawn from --seed, or the pa
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 import bespoke
-from bespoke import BespokeError
+from bespoke import BespokeError, budget
+from bespoke.errors import SingularEnd
 from bespoke.flows import GUIDANCE_CONVENTIONS
 from bespoke.noise import draw_noise
 from bespoke.solvers import METHODS, largest_valid_nfe
@@ -26,6 +28,7 @@ from bespoke.solvers.files import load_solver, load_solvers
 from .common import (
     add_model_args,
     add_run_args,
+    check_picture_path,
     check_writable,
     conditioning,
     device,
@@ -75,6 +78,7 @@ class Cell:
     run_at: int | None  # None: no valid NFE <= requested
     result: bespoke.EvalResult | None = None
     error: str | None = None
+    na: str | None = None  # why this solver cannot run on this model at all (not a failure)
 
 
 def nfe_rule(name: str, files: dict | None = None) -> str:
@@ -97,6 +101,8 @@ def table(cells: list[Cell], names: list[str], nfes: list[int], header: str, dat
             return "- "
         if c.error is not None:
             return "err "
+        if c.na is not None:
+            return "n/a "
         return f"{c.result.psnr_db:.2f}" + ("*" if c.run_at != c.requested else " ")
 
     rows = [["solver"] + [f"NFE {n} " for n in nfes]]
@@ -127,6 +133,9 @@ def table(cells: list[Cell], names: list[str], nfes: list[int], header: str, dat
                 errors.setdefault(c.error, []).append(c.requested)
         for message, at in errors.items():
             notes.append(f"err {name} at NFE {', '.join(map(str, at))}: {message}")
+        na = next((c.na for c in mine if c.na is not None), None)
+        if na is not None:
+            notes.append(f"n/a {name}: cannot run on this model ({na})")
     lines += [""] + notes if notes else []
     lines += [
         "",
@@ -142,14 +151,16 @@ def table(cells: list[Cell], names: list[str], nfes: list[int], header: str, dat
 
 
 def run_eval(
-    flow, names, nfes, noise, reference, cond, *, force=False, quiet=False, keep_samples=False
+    flow, names, nfes, noise, reference, cond, *, force=False, quiet=False, keep_samples=False, files=None
 ) -> tuple[list[Cell], dict[str, list[int]]]:
     """Every solver (built-in name or solver file) at every NFE on `noise`, scored against `reference`.
 
     A built-in solver runs at its largest valid NFE at or below the one asked for; a file at the NFEs
-    it holds. A solver that cannot run on this model is reported in its cell, not raised.
+    it holds. A solver that cannot run on this model is reported in its cell, not raised: n/a where it
+    evaluates the model where the model is singular, err for any other problem.
+    files: `file_nfes(names, flow, force)` when the caller has it already.
     Returns the cells and the NFEs each solver file holds."""
-    files = file_nfes(names, flow, force)
+    files = file_nfes(names, flow, force) if files is None else files
 
     def run_at(name: str, n: int) -> int | None:
         if name in files:
@@ -160,7 +171,7 @@ def run_eval(
     jobs = sorted(
         {(c.solver, c.run_at) for c in cells if c.run_at is not None}, key=lambda j: (names.index(j[0]), j[1])
     )
-    done: dict[tuple[str, int], bespoke.EvalResult | str] = {}
+    done: dict[tuple[str, int], bespoke.EvalResult | BespokeError] = {}
     with tqdm(jobs, desc="eval", unit="run", file=sys.stderr, disable=quiet, dynamic_ncols=True) as bar:
         for name, nfe in bar:
             bar.set_postfix_str(f"{name} NFE {nfe}", refresh=False)
@@ -170,11 +181,17 @@ def run_eval(
                     s, flow, noise, reference, name=name, keep_samples=keep_samples, **cond
                 )
             except BespokeError as e:  # this solver cannot run on this model: report it in its cell
-                done[name, nfe] = " ".join(str(e).split())
+                done[name, nfe] = e
     for c in cells:
-        if c.run_at is not None:
-            out = done[c.solver, c.run_at]
-            c.result, c.error = (None, out) if isinstance(out, str) else (out, None)
+        if c.run_at is None:
+            continue
+        out = done[c.solver, c.run_at]
+        if isinstance(out, SingularEnd):
+            c.na = " ".join(str(out).split())
+        elif isinstance(out, BespokeError):
+            c.error = " ".join(str(out).split())
+        else:
+            c.result = out
     return cells, files
 
 
@@ -195,6 +212,11 @@ def eval_json(cells: list[Cell], settings: dict, files: dict) -> dict:
         {"solver": c.solver, "requested_nfe": c.requested, "reason": f"it takes {nfe_rule(c.solver, files)}"}
         for c in cells
         if c.run_at is None
+    ]
+    skipped += [
+        {"solver": c.solver, "requested_nfe": c.requested, "reason": f"cannot run on this model: {c.na}"}
+        for c in cells
+        if c.na is not None
     ]
     failed = [
         {"solver": c.solver, "requested_nfe": c.requested, "nfe": c.run_at, "error": c.error}
@@ -256,6 +278,16 @@ def header(model: str, flow, num: int, where: str, labels: str | None, gt: dict)
     return " | ".join(parts)
 
 
+def _check_budget(args, flow, files: dict, dev: str) -> None:
+    """Refuse, before the ground truth is solved, an evaluation whose states cannot fit in memory."""
+    num = 1000 if args.num is None else args.num  # with --gt: at most --num of the cache's pairs
+    numel = math.prod(flow.sample_shape)
+    solve = budget.solve_bytes(max(args.nfe), num, numel, history=bool(files))
+    need = solve + 2 * num * numel * 8 + (0 if args.gt else budget.ground_truth_bytes(num, numel))
+    what = f"evaluating {num} samples at NFE up to {max(args.nfe)}"
+    budget.require(need, what=what, fix="ask for fewer samples (--num) or lower NFEs", device=dev)
+
+
 def cmd_eval(args) -> int:
     t_start = time.perf_counter()
     dev = device(args.device)
@@ -263,11 +295,17 @@ def cmd_eval(args) -> int:
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path is not None:
             check_writable(path, flag)
+    if args.plot is not None:
+        check_picture_path(args.plot, "--plot")
     if args.gt is not None and args.labels is not None:
         raise BespokeError("--labels: the pairs of --gt carry their own labels; drop --labels")
     flow = load_flow(args)
+    files = file_nfes(names, flow, args.force)  # every solver file checked before the ground truth is solved
+    _check_budget(args, flow, files, dev)
     noise, reference, cond, labels_text, gt = _reference(args, flow, dev)
-    cells, files = run_eval(flow, names, args.nfe, noise, reference, cond, force=args.force, quiet=args.quiet)
+    cells, files = run_eval(
+        flow, names, args.nfe, noise, reference, cond, force=args.force, quiet=args.quiet, files=files
+    )
     where = f"GT cache {args.gt}" if args.gt else f"seed {args.seed}, float64, {dev}"
     title = header(args.model, flow, noise.shape[0], where, labels_text, gt)
     print(table(cells, names, args.nfe, title, flow.data_range, files), flush=True)
@@ -295,7 +333,7 @@ def cmd_eval(args) -> int:
         )
         say(args, f"wrote {args.plot}")
     say(args, f"done in {time.perf_counter() - t_start:.1f} s (ground truth {gt['seconds']:.1f} s)")
-    failures = [c for c in cells if c.error is not None]
+    failures = [c for c in cells if c.error is not None]  # n/a cells are not failures
     if failures:
         print_error(f"{len(failures)} of {len(cells)} evaluations failed; see the 'err' notes under the table")
         return 2

@@ -8,9 +8,11 @@ drawn from the seed. Run the same command again to resume a killed run or extend
 
 from __future__ import annotations
 
+import math
 import time
 
 import bespoke
+from bespoke import budget
 
 from .common import add_model_args, add_run_args, device, integer, load_flow, positive_float, positive_int, say
 
@@ -46,9 +48,23 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_gt)
 
 
+def _check_budget(args, flow, dev: str) -> None:
+    """Refuse, before any solve, a cache that cannot fit on the disk or a shard whose solve cannot fit in memory.
+    Sizes are upper bounds (8 bytes a number; the stored dtypes may be smaller)."""
+    numel, k = math.prod(flow.sample_shape), args.trajectory
+    pairs = -(-args.num // args.shard_size) * args.shard_size
+    stored = pairs * (numel * 8 * (2 + 2 * k) + 8)
+    what = f"a GT cache of {pairs} pairs" + (f" with trajectories at {k} times" if k else "")
+    budget.require(stored, what=what, fix="ask for fewer pairs or write to another disk", disk=args.out)
+    budget.require(stored, what=f"loading {what}", fix="ask for fewer pairs (-n)", device="cpu")
+    solve = budget.ground_truth_bytes(args.shard_size, numel, k)
+    budget.require(solve, what=f"solving shards of {args.shard_size} pairs", fix="lower --shard-size", device=dev)
+
+
 def cmd_gt(args) -> int:
     dev = device(args.device)
     flow = load_flow(args)
+    _check_budget(args, flow, dev)
     t0 = time.perf_counter()
     cache = bespoke.generate_gt(
         flow,
@@ -63,6 +79,7 @@ def cmd_gt(args) -> int:
         quiet=args.quiet,
     )
     traj = f", trajectories at {args.trajectory} times" if args.trajectory else ""
-    print(f"{args.out}: {len(cache)} pairs for {flow.name} (seed {args.seed}, dopri5 {cache.nfe} NFE per sample{traj})")
+    nfe = f"{min(cache.nfe)}-{max(cache.nfe)}" if cache.nfe else "no"
+    print(f"{args.out}: {len(cache)} pairs for {flow.name} (seed {args.seed}, dopri5 {nfe} NFE per sample{traj})")
     say(args, f"done in {time.perf_counter() - t0:.1f} s")
     return 0

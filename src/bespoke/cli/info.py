@@ -21,6 +21,7 @@ def register(sub) -> None:
     )
     p.add_argument("file", metavar="FILE", help="a solver file (*.safetensors) or a GT cache directory")
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    p.add_argument("--quiet", action="store_true", help="accepted like every command's; info prints no progress")
     p.set_defaults(func=cmd_info)
 
 
@@ -37,14 +38,27 @@ def _solver_lines(nfe: int, entry: dict) -> list[str]:
     if entry.get("sigma0", 1.0) != 1.0:
         extra += f", preconditioning sigma0={entry['sigma0']:g}"
     lines = [f"NFE {nfe}: {kind}, {entry.get('parameters')} parameters, init {entry.get('init')}{extra}"]
-    t = entry.get("training") or {}
-    if t:
-        lines.append(
-            f"  trained: validation PSNR {t['val_psnr_init']:.2f} -> {t['val_psnr']:.2f} dB on {t['val_pairs']} pairs; "
-            f"{t['iterations']} iterations on {t['train_pairs']} pairs ({t.get('objective')}), {t['seconds']:.0f} s"
-        )
+    trained = _training_text(entry.get("training") or {})
+    if trained:
+        lines.append(f"  trained: {trained}")
     lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry.get("times", [])))
     return lines
+
+
+def _training_text(t: dict) -> str:
+    """The training summary in one line, from whichever of its fields the file has (all are optional)."""
+    parts = []
+    if "val_psnr" in t:
+        start = f"{t['val_psnr_init']:.2f} -> " if "val_psnr_init" in t else ""
+        pairs = f" on {t['val_pairs']} pairs" if "val_pairs" in t else ""
+        parts.append(f"validation PSNR {start}{t['val_psnr']:.2f} dB{pairs}")
+    if "iterations" in t:
+        on = f" on {t['train_pairs']} pairs" if "train_pairs" in t else ""
+        how = f" ({t['objective']})" if "objective" in t else ""
+        parts.append(f"{t['iterations']} iterations{on}{how}")
+    if "seconds" in t:
+        parts.append(f"{t['seconds']:.0f} s")
+    return "; ".join(parts)
 
 
 def _gt_lines(path: Path) -> tuple[list[str], dict]:

@@ -3,35 +3,42 @@
     bespoke sample --model zoo:digits-ot --solver bns.safetensors --nfe 8 --num 64 --seed 0 --out s.safetensors
     bespoke sample --model zoo:digits-ot --solver dpm++2m --nfe 8 --noise noise.safetensors --out s.safetensors
 
-Sample i depends only on (seed, i) and the solver: the same seed gives the same samples whatever the
---batch-size. The states run in float64; --out holds `noise`, `samples` (and `labels`) in --dtype.
+Noise i depends only on (seed, i): the same seed gives the same noise whatever the --batch-size, and
+the same samples up to the network's float32 rounding, which depends on the batch size (differences of
+about 1e-5 on the digits models). The states run in float64 one batch at a time, and each batch goes
+straight to --out (`noise`, `samples` and `labels` in --dtype), so memory does not grow with --num.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 
 import bespoke
-from bespoke import BespokeError
+from bespoke import BespokeError, budget
+from bespoke.io import StreamedTensors
 from bespoke.noise import draw_noise
 from bespoke.solvers import METHODS, largest_valid_nfe
 from bespoke.solvers.files import load_solver
+from bespoke.solvers.learned import Learned
 
 from .common import (
+    NoiseFile,
     add_model_args,
     add_run_args,
+    check_picture_path,
     check_writable,
     conditioning,
     device,
     is_solver_file,
     load_flow,
     positive_int,
-    read_noise,
     say,
-    write_samples,
 )
 
 GRID_MAX = 64
@@ -78,15 +85,25 @@ def pick_solver(name: str, nfe: int | None, flow, force: bool):
     return bespoke.solver(name, nfe)
 
 
-def sample_batches(solver, flow, noise, cond, batch_size: int, quiet: bool) -> torch.Tensor:
-    """`solver` on `noise` in batches; every sample depends only on its own noise (and labels)."""
-    out = []
-    with torch.no_grad(), tqdm(total=noise.shape[0], desc="sample", unit="sample", disable=quiet) as bar:
-        for a in range(0, noise.shape[0], batch_size):
-            part = {k: v[a : a + batch_size] for k, v in cond.items()}
-            out.append(solver.sample(flow, noise[a : a + batch_size], **part))
-            bar.update(out[-1].shape[0])
-    return torch.cat(out)
+def _solver_history(solver) -> bool:
+    """Whether the solver keeps all its velocities (learned solvers run in NS form) or a few states."""
+    return isinstance(solver, Learned)
+
+
+def _check_budget(args, flow, solver, num: int, dev: str) -> None:
+    """Refuse, before any work, a batch whose solve cannot fit in memory or an --out that cannot fit on disk."""
+    numel = math.prod(flow.sample_shape)
+    batch = min(args.batch_size, num)
+    need = budget.solve_bytes(solver.nfe, batch, numel, history=_solver_history(solver))
+    what = f"sampling at NFE {solver.nfe} in batches of {batch}"
+    budget.require(need, what=what, fix="lower --batch-size (or --nfe)", device=dev)
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    budget.require(
+        num * (2 * numel * itemsize + 8),
+        what=f"--out {args.out} with {num} samples (noise and samples in {args.dtype})",
+        fix="ask for fewer samples or write to another disk" + (", or use --dtype float32" if itemsize > 4 else ""),
+        disk=args.out,
+    )
 
 
 def cmd_sample(args) -> int:
@@ -95,45 +112,62 @@ def cmd_sample(args) -> int:
     check_writable(args.out, "--out")
     if args.grid is not None:
         check_writable(args.grid, "--grid")
+        check_picture_path(args.grid, "--grid")
     flow = load_flow(args)
     solver = pick_solver(args.solver, args.nfe, flow, args.force)
-    if args.noise is not None:
-        noise, labels = read_noise(args.noise, flow)
-        if labels is not None and args.labels is not None:
-            raise BespokeError(f"--labels: {args.noise} carries its own labels; drop --labels")
-        cond = {"labels": labels} if labels is not None else conditioning(args, flow, noise.shape[0])[0]
-        source = args.noise
-    else:
-        noise = flow.initial_state(draw_noise(flow.sample_shape, args.num, args.seed, dtype=torch.float64))
-        cond = conditioning(args, flow, args.num)[0]
-        source = f"seed {args.seed}"
-    noise = noise.to(dev, torch.float64)
-    cond = {k: v.to(dev) for k, v in cond.items()}
-    samples = sample_batches(solver, flow, noise, cond, args.batch_size, args.quiet)
+    noise_file = NoiseFile(args.noise, flow) if args.noise is not None else None
+    if noise_file is not None and noise_file.has_labels and args.labels is not None:
+        raise BespokeError(f"--labels: {args.noise} carries its own labels; drop --labels")
+    num = noise_file.num if noise_file is not None else args.num
+    source = args.noise if noise_file is not None else f"seed {args.seed}"
+    _check_budget(args, flow, solver, num, dev)
+
+    def noise_of(a: int, b: int) -> torch.Tensor:
+        """The state at t = 0 of samples a..b-1, in float64."""
+        if noise_file is not None:
+            return noise_file.noise(a, b).to(torch.float64)
+        return flow.initial_state(draw_noise(flow.sample_shape, b - a, args.seed, dtype=torch.float64, start=a))
+
+    def cond_of(a: int, b: int) -> dict:
+        if noise_file is not None and noise_file.has_labels:
+            return {"labels": noise_file.labels(a, b)}
+        return conditioning(args, flow, b - a, start=a)[0]
+
     dtype = getattr(torch, args.dtype)
-    tensors = {"noise": noise.to(dtype), "samples": samples.to(dtype), **cond}
-    meta = {
-        "model": flow.name,
-        "solver": args.solver,
-        "nfe": solver.nfe,
-        "source": source,
-        "bespoke_version": bespoke.__version__,
-    }
-    write_samples(args.out, tensors, meta)
+    layout = {"noise": ((num, *flow.sample_shape), dtype), "samples": ((num, *flow.sample_shape), dtype)}
+    if cond_of(0, 1):
+        layout["labels"] = ((num,), torch.long)
+    meta = {"model": flow.name, "solver": args.solver, "nfe": solver.nfe, "source": source}
+    meta["bespoke_version"] = bespoke.__version__
+    shown, shown_labels = [], []
+    bar = tqdm(total=num, desc="sample", unit="sample", disable=args.quiet, file=sys.stderr, leave=False)
+    with StreamedTensors(args.out, layout, {"bespoke": json.dumps(meta)}) as out, torch.no_grad(), bar:
+        for a in range(0, num, args.batch_size):
+            b = min(a + args.batch_size, num)
+            noise, cond = noise_of(a, b), cond_of(a, b)
+            samples = solver.sample(flow, noise.to(dev), **{k: v.to(dev) for k, v in cond.items()})
+            out.write("noise", a, noise.to(dtype))
+            out.write("samples", a, samples.to("cpu", dtype))
+            if "labels" in layout:
+                out.write("labels", a, cond["labels"])
+            if a < GRID_MAX:
+                shown.append(samples[: GRID_MAX - a].cpu())
+                shown_labels += cond.get("labels", torch.empty(0))[: GRID_MAX - a].tolist()
+            bar.update(b - a)
     say(args, f"wrote {args.out}")
     if args.grid is not None:
         from bespoke.plots import image_grid
 
         image_grid(
-            samples[:GRID_MAX],
+            torch.cat(shown),
             args.grid,
             data_range=flow.data_range,
             title=f"{flow.name}: {args.solver}, NFE {solver.nfe} ({source})",
-            captions=[f"label {k}" for k in cond["labels"][:GRID_MAX].tolist()] if "labels" in cond else None,
+            captions=[f"label {k}" for k in shown_labels] if "labels" in layout else None,
         )
         say(args, f"wrote {args.grid}")
     print(
-        f"{noise.shape[0]} samples of {flow.name} with {args.solver} at NFE {solver.nfe} -> {args.out} "
+        f"{num} samples of {flow.name} with {args.solver} at NFE {solver.nfe} -> {args.out} "
         f"({time.perf_counter() - t0:.1f} s)"
     )
     return 0

@@ -10,12 +10,13 @@ OUT.ckpt/; a killed run continues with --resume and ends where an uninterrupted 
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import math
 import time
 from pathlib import Path
 
 import bespoke
-from bespoke import BespokeError, distributed
+from bespoke import BespokeError, budget, distributed
 from bespoke.solvers.files import KINDS
 
 from .common import (
@@ -93,9 +94,8 @@ def train_file(
     quiet=False,
 ) -> list:
     """Train one `kind` solver per NFE, checkpointing in `checkpoints/`, and write them all to `out`."""
-    solvers = []
-    for nfe in nfes:
-        ckpt = Path(checkpoints) / f"{kind}-nfe{nfe}.pt"
+    solvers, mine = [], [Path(checkpoints) / checkpoint_name(kind, nfe) for nfe in nfes]
+    for nfe, ckpt in zip(nfes, mine):
         common = dict(config=config, checkpoint=ckpt, grad_checkpoint=grad_checkpoint, device=device, quiet=quiet)
         if kind == "bns":
             s = bespoke.train_bns(flow, train, val, nfe, init=init, sigma0=sigma0, **common)
@@ -104,9 +104,30 @@ def train_file(
         solvers.append(s.cpu())
     if distributed.is_main():  # every rank holds the same solvers; one writes them
         bespoke.save_solvers(out, solvers, flow)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        discard_checkpoints(checkpoints, mine)
     distributed.barrier()
     return solvers
+
+
+def checkpoint_name(kind: str, nfe: int) -> str:
+    return f"{kind}-nfe{nfe}.pt"
+
+
+def discard_checkpoints(folder, finished) -> None:
+    """Delete the checkpoints of the solvers just written, and the folder once nothing else is in it: the
+    checkpoints of another run there (other NFEs or kinds, still unfinished) are never touched."""
+    for ckpt in map(Path, finished):
+        ckpt.unlink(missing_ok=True)
+        ckpt.with_name(ckpt.name + ".tmp").unlink(missing_ok=True)  # left by a kill during a checkpoint write
+    with contextlib.suppress(OSError):  # not empty: another run's checkpoints stay
+        Path(folder).rmdir()
+
+
+def check_training_budget(flow, nfes, batch: int, dev: str) -> None:
+    """Refuse, before any pairs are made, an NFE whose training states cannot fit in memory."""
+    need = budget.training_bytes(max(nfes), batch, math.prod(flow.sample_shape))
+    what = f"training a solver at NFE {max(nfes)} on batches of {batch} pairs"
+    budget.require(need, what=what, fix="lower --nfe (or --batch-size and --val-samples)", device=dev)
 
 
 def summary_line(s) -> str:
@@ -116,6 +137,17 @@ def summary_line(s) -> str:
         f"{t['val_pairs']} validation pairs; {t['iterations']} iterations on {t['train_pairs']} pairs, "
         f"{t['seconds']:.0f} s"
     )
+
+
+def extend_command(args, cache, num: int) -> str:
+    """The `bespoke gt` command that extends `cache` to `num` pairs: the settings it was made with."""
+    m = cache.manifest
+    words = ["bespoke gt", f"--model {args.model}", f"--num {num}", f"--seed {m['seed']}"]
+    words += [f"--shard-size {m['shard_size']}", f"--rtol {m['rtol']:g}", f"--atol {m['atol']:g}"]
+    if m.get("trajectory"):
+        words.append(f"--trajectory {m['trajectory']}")
+    words += [f"--{k} {getattr(args, k)}" for k in ("path", "guidance") if getattr(args, k, None) is not None]
+    return " ".join([*words, f"--out {cache.path}"])
 
 
 def _pairs(args, flow, dev):
@@ -137,9 +169,15 @@ def _pairs(args, flow, dev):
         asked = f"--val-samples {v}" + (f" and --train-samples {args.train_samples}" if args.train_samples else "")
         raise BespokeError(
             f"the GT cache {cache.path} holds {len(cache)} pairs, but {asked} need {need}: extend it with "
-            f"`bespoke gt --num {need} --out {cache.path}` (same model and seed) or ask for fewer"
+            f"`{extend_command(args, cache, need)}` or ask for fewer"
         )
     return cache.slice(v, stop), cache.slice(0, v)
+
+
+def _other_checkpoints(folder: Path, kind: str, nfes) -> list[str]:
+    """The files in the checkpoint folder that this run neither resumes nor writes."""
+    mine = {checkpoint_name(kind, n) for n in nfes}
+    return sorted(p.name for p in folder.iterdir() if p.name not in mine) if folder.is_dir() else []
 
 
 def cmd_train(args) -> int:
@@ -153,7 +191,11 @@ def cmd_train(args) -> int:
         raise BespokeError(
             f"{checkpoints} holds checkpoints of an unfinished run: add --resume to continue it, or delete it"
         )
+    others = _other_checkpoints(checkpoints, args.solver, args.nfe)
+    if others:
+        say(args, f"{checkpoints} also holds unfinished checkpoints of another run ({', '.join(others)}): kept")
     flow = load_flow(args)
+    check_training_budget(flow, args.nfe, max(args.batch_size, args.val_samples), dev)
     train, val = _pairs(args, flow, dev)
     config = bespoke.FitConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     solvers = train_file(

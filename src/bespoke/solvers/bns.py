@@ -91,15 +91,7 @@ class BNSSolver(Learned):
         ns = solver.to_ns(target)
         grid = getattr(solver, "grid_name", None)
         init = solver.name if grid is None else f"{solver.name}[{grid}]"
-        return cls(
-            ns.times,
-            ns.a,
-            ns.b,
-            start_scale=ns.start_scale,
-            sigma0=sigma0,
-            init=init,
-            model_fingerprint=flow.fingerprint,
-        )
+        return cls(ns.times, ns.a, ns.b, start_scale=ns.start_scale, sigma0=sigma0, init=init).bind_model(flow)
 
     # --- file state (solvers/files.py): the raw float64 parameters, so a loaded solver is bit-identical
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -8,20 +8,25 @@ preconditioning, times for reading) and how it was trained. Loading validates al
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import torch
 
 from .._version import __version__
 from ..errors import BespokeError
-from ..io import load_tensors, save_tensors
+from ..flows import GUIDANCE_CONVENTIONS
+from ..io import read_tensors, save_tensors
 from .bns import BNSSolver
+from .learned import guidance_record
 from .scale_time import BespokeSolver
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "save_solvers", "load_solvers", "load_solver", "read_metadata", "model_record"]
 
 FORMAT = "bespoke-solver"
-VERSION = 1
+VERSION = 2  # 2: the file carries a SHA-256 of its metadata and tensors (bespoke.io)
+READS = (1, 2)  # version 1 files (no checksum) still load, with a warning
 KINDS = {"bns": BNSSolver, "bespoke-rk1": BespokeSolver, "bespoke-rk2": BespokeSolver}
 _FIX = "train a new one with `bespoke train ... --out FILE`"
 
@@ -32,7 +37,7 @@ def model_record(flow) -> dict:
         "name": flow.name,
         "fingerprint": flow.fingerprint,
         "scheduler": repr(flow.scheduler) if flow.scheduler is not None else None,
-        "guidance": flow.guidance.as_dict() if flow.guidance is not None else None,
+        "guidance": guidance_record(flow),
     }
 
 
@@ -64,26 +69,107 @@ def read_metadata(path) -> dict:
     return _read(path)[1]
 
 
-def _read(path) -> tuple[dict, dict]:
-    path = Path(path)
-    tensors, meta = load_tensors(path, _FIX)
+# --- validation: every field a reader uses has the type it expects, or the file is refused -----------
+
+_REAL = lambda v: type(v) in (int, float) and not math.isnan(v)  # noqa: E731  (PSNR may be inf)
+_CHECKS = {
+    "a string": lambda v: isinstance(v, str),
+    "a string or null": lambda v: v is None or isinstance(v, str),
+    "an integer >= 1": lambda v: type(v) is int and v >= 1,
+    "an integer >= 0": lambda v: type(v) is int and v >= 0,
+    "a number": _REAL,
+    "a finite number": lambda v: _REAL(v) and math.isfinite(v),
+    "a positive number": lambda v: _REAL(v) and math.isfinite(v) and v > 0,
+    "an object": lambda v: isinstance(v, dict),
+    "a list of finite numbers": lambda v: isinstance(v, list) and all(_REAL(x) and math.isfinite(x) for x in v),
+    "null or {weight, convention}": lambda v: v is None
+    or (
+        isinstance(v, dict)
+        and _REAL(v.get("weight"))
+        and math.isfinite(v["weight"])
+        and v.get("convention") in GUIDANCE_CONVENTIONS
+    ),
+}
+# field -> (what it must be, required)
+_MODEL_FIELDS = {
+    "name": ("a string or null", False),
+    "fingerprint": ("a string or null", True),
+    "scheduler": ("a string or null", False),
+    "guidance": ("null or {weight, convention}", False),  # absent: none
+}
+_ENTRY_FIELDS = {
+    "nfe": ("an integer >= 1", True),
+    "init": ("a string", False),
+    "parameters": ("an integer >= 1", False),
+    "times": ("a list of finite numbers", False),
+    "training": ("an object", False),
+    "sigma0": ("a positive number", False),
+    "start_scale": ("a finite number", False),
+    "base": ("a string", False),
+    "steps": ("an integer >= 1", False),
+}
+_TRAINING_FIELDS = {  # a summary may lack any of these (say, one written from Python), never mistype them
+    "objective": ("a string", False),
+    "init": ("a string", False),
+    "train_pairs": ("an integer >= 0", False),
+    "val_pairs": ("an integer >= 0", False),
+    "val_psnr_init": ("a number", False),
+    "val_psnr": ("a number", False),
+    "best_iteration": ("an integer >= 0", False),
+    "iterations": ("an integer >= 0", False),
+    "seconds": ("a finite number", False),
+}
+
+
+def _check_fields(path, where: str, record: dict, fields: dict) -> None:
+    for key, (what, required) in fields.items():
+        if key not in record:
+            if required:
+                raise BespokeError(f"{path} is damaged: {where} has no {key!r}; {_FIX}")
+        elif not _CHECKS[what](record[key]):
+            raise BespokeError(f"{path} is damaged: {where}'s {key!r} must be {what}, got {record[key]!r:.60}; {_FIX}")
+
+
+def _check_metadata(path, meta) -> None:
+    """Raise a one-line BespokeError unless `meta` has the shape this version writes (DESIGN §6)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BespokeError(f"{path} is not a bespoke solver file (format {meta.get('format')!r}); {_FIX}")
-    if meta.get("version") != VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise BespokeError(f"{path} is not a bespoke solver file (format {got!r}); {_FIX}")
+    if type(meta.get("version")) is not int or meta["version"] not in READS:
         raise BespokeError(
-            f"{path} has solver-file version {meta.get('version')!r}, but this bespoke ({__version__}) reads "
-            f"version {VERSION}; upgrade bespoke-solvers or re-train the solver"
+            f"{path} has solver-file version {meta.get('version')!r:.20}, but this bespoke ({__version__}) reads "
+            f"versions {', '.join(map(str, READS))}; upgrade bespoke-solvers or re-train the solver"
         )
     if not isinstance(meta.get("model"), dict):
         raise BespokeError(f"{path} does not say which model it is for (no 'model' record); {_FIX}")
+    _check_fields(path, "the model record", meta["model"], _MODEL_FIELDS)
     entries = meta.get("solvers")
     if not isinstance(entries, dict) or not entries:
         raise BespokeError(f"{path} holds no solvers; {_FIX}")
     for key, entry in entries.items():
-        if entry.get("kind") not in KINDS:
-            raise BespokeError(
-                f"{path}: solver {key} has unknown kind {entry.get('kind')!r}; valid: {', '.join(KINDS)}"
-            )
+        if not (key.isdigit() and key.isascii() and str(int(key)) == key and int(key) >= 1):
+            raise BespokeError(f"{path} is damaged: solvers are keyed by NFE (1, 2, ...), not {key!r:.20}; {_FIX}")
+        if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
+            kind = entry.get("kind") if isinstance(entry, dict) else entry
+            raise BespokeError(f"{path}: solver {key} has unknown kind {kind!r:.40}; valid: {', '.join(KINDS)}")
+        _check_fields(path, f"solver {key}", entry, _ENTRY_FIELDS)
+        if entry["nfe"] != int(key):
+            raise BespokeError(f"{path} is damaged: solver {key} says it has NFE {entry['nfe']}; {_FIX}")
+        _check_fields(path, f"solver {key}'s training summary", entry.get("training", {}), _TRAINING_FIELDS)
+
+
+def _read(path) -> tuple[dict, dict]:
+    path = Path(path)
+    tensors, meta, checked = read_tensors(path, _FIX)
+    _check_metadata(path, meta)
+    if meta["version"] >= 2 and not checked:
+        raise BespokeError(f"{path} is damaged: its checksum is missing; {_FIX}")
+    if not checked:
+        warnings.warn(
+            f"{path} is a solver file of version {meta['version']}, written without a checksum: damage to it cannot "
+            "be detected; save it again with bespoke.save_solvers to add one",
+            stacklevel=3,
+        )
     return tensors, meta
 
 
@@ -91,7 +177,11 @@ def _build(path, tensors: dict, meta: dict, nfe: int, flow, force: bool):
     entry = meta["solvers"][str(nfe)]
     kind = KINDS[entry["kind"]]
     state = {}
-    for name, shape in kind.state_shapes(nfe).items():
+    try:
+        shapes = kind.state_shapes(nfe)
+    except BespokeError as e:
+        raise BespokeError(f"{path}: the NFE-{nfe} solver is invalid ({e}); {_FIX}") from None
+    for name, shape in shapes.items():
         v = tensors.get(f"nfe{nfe}.{name}")
         if v is None or tuple(v.shape) != shape or v.dtype != torch.float64:
             got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
@@ -100,9 +190,10 @@ def _build(path, tensors: dict, meta: dict, nfe: int, flow, force: bool):
             raise BespokeError(f"{path}: tensor nfe{nfe}.{name} contains NaN or inf; {_FIX}")
         state[name] = v
     try:
-        solver = kind.from_state(state, entry, meta["model"].get("fingerprint"))
+        solver = kind.from_state(state, entry, meta["model"]["fingerprint"])
     except BespokeError as e:
         raise BespokeError(f"{path}: the NFE-{nfe} solver is invalid ({e}); {_FIX}") from None
+    solver.model_guidance = meta["model"].get("guidance")
     solver.force = force
     if flow is not None:
         try:
@@ -115,10 +206,7 @@ def _build(path, tensors: dict, meta: dict, nfe: int, flow, force: bool):
 def load_solvers(path, *, flow=None, force: bool = False) -> dict:
     """Every solver in a solver file, by NFE; refuses a file for another model than `flow` unless forced."""
     tensors, meta = _read(path)
-    try:
-        nfes = sorted(int(k) for k in meta["solvers"])
-    except ValueError:
-        raise BespokeError(f"{path}: solver entries must be keyed by NFE; {_FIX}") from None
+    nfes = sorted(int(k) for k in meta["solvers"])
     return {n: _build(path, tensors, meta, n, flow, force) for n in nfes}
 
 

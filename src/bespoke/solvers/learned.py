@@ -5,13 +5,25 @@ time parameterisation with pinned ends.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from ..errors import BespokeError
 from .base import Solver, validate_times
 
-__all__ = ["Learned", "pinned_times", "evaluator"]
+__all__ = ["Learned", "pinned_times", "evaluator", "guidance_record"]
+
+
+def guidance_record(flow) -> dict | None:
+    """What a solver records of the guidance its model ran at: {"weight", "convention"}, or None."""
+    g = getattr(flow, "guidance", None)
+    return None if g is None else {"weight": float(g.weight), "convention": g.convention}
+
+
+def _guidance_text(record: dict | None) -> str:
+    return "no guidance" if record is None else f"guidance w={record['weight']:g} ({record['convention']})"
 
 
 def pinned_times(log_inc: torch.Tensor, t_ends: torch.Tensor) -> torch.Tensor:
@@ -49,8 +61,14 @@ class Learned(nn.Module, Solver):
         nn.Module.__init__(self)
         self.init = init
         self.model_fingerprint = model_fingerprint
+        self.model_guidance: dict | None = None  # the guidance it was trained at (checked with the fingerprint)
         self.force = force
         self.training_summary: dict = {}
+
+    def bind_model(self, flow) -> Learned:
+        """Record `flow` (its fingerprint and guidance) as the model this solver is for; returns self."""
+        self.model_fingerprint, self.model_guidance = flow.fingerprint, guidance_record(flow)
+        return self
 
     def _state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -68,12 +86,23 @@ class Learned(nn.Module, Solver):
                 v.copy_(state[k])
 
     def check_model(self, flow) -> None:
+        """Refuse a model other than the one this solver was trained for (fingerprint), or the same model at
+        another guidance scale, unless forced (then a warning)."""
         mine, theirs = self.model_fingerprint, getattr(flow, "fingerprint", None)
-        if mine and theirs and mine != theirs and not self.force:
-            raise BespokeError(
-                f"this solver was trained for the model with fingerprint {mine[:16]}…, but {flow.name} has "
-                f"{theirs[:16]}…; train a solver for this model, or force it (force=True / --force)"
+        if mine and theirs and mine != theirs:
+            problem = f"this solver was trained for the model with fingerprint {mine}, but {flow.name} has {theirs}"
+            fix = "train a solver for this model"
+        elif mine and guidance_record(flow) != self.model_guidance:
+            problem = (
+                f"this solver was trained at {_guidance_text(self.model_guidance)}, but {flow.name} runs at "
+                f"{_guidance_text(guidance_record(flow))}"
             )
+            fix = "sample at the scale it was trained for (--guidance), train one at this scale"
+        else:
+            return
+        if not self.force:
+            raise BespokeError(f"{problem}; {fix}, or force it (force=True / --force)")
+        warnings.warn(f"{problem} (used anyway: forced)", stacklevel=3)
 
     def validate(self) -> None:
         """Finite parameters and a monotone grid (checked before saving and after loading)."""

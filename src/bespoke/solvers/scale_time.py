@@ -157,7 +157,9 @@ class BespokeSolver(Learned):
         t = st.t.clone()
         t[0], t[-1] = 0.0, 1.0
         v = Transform(t=t, dt=st.dt[:-1], s=st.s / st.s[0], ds=st.ds[:-1] / st.s[0])
-        solver = cls(order, v, init=name, model_fingerprint=getattr(flow_or_scheduler, "fingerprint", None))
+        solver = cls(order, v, init=name)
+        if hasattr(flow_or_scheduler, "fingerprint"):  # a flow, not a bare scheduler
+            solver.bind_model(flow_or_scheduler)
         return solver
 
     # --- the parameters as a transform --------------------------------------------------------------
@@ -222,13 +224,15 @@ class BespokeSolver(Learned):
         t, dt = _hermite_curve(knots, v.t, v.dt, r)
         s, ds = _hermite_curve(knots, v.s, v.ds, r)
         t[0], t[-1] = 0.0, 1.0
-        return type(self)(
+        out = type(self)(
             self.order,
             Transform(t=t, dt=dt[:-1], s=s, ds=ds[:-1]),
             init=f"{self.name} refined",
             model_fingerprint=self.model_fingerprint,
             force=self.force,
         )
+        out.model_guidance = self.model_guidance
+        return out
 
     # --- file state (solvers/files.py) ----------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:

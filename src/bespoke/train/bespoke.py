@@ -137,8 +137,9 @@ def train_bespoke(
     if loss != "rmse" and gt == "cached" and train.trajectory_states is None:
         raise BespokeError(
             f"{train.path} holds endpoints only; step-parallel Bespoke training needs ground truth at the learned "
-            "times: make the cache with trajectories (`generate_gt(..., trajectory=65)`, `bespoke gt --trajectory 65`) "
-            "or use gt='resolve'"
+            "times: make a cache with trajectories in a new directory (`bespoke gt --model SPEC --num N --trajectory "
+            "65 --out NEW_DIR`; Python: generate_gt(..., trajectory=65)), or train on the endpoints (`--loss rmse`; "
+            "Python: loss='rmse', or gt='resolve' for a dopri5 solve every iteration)"
         )
     module, result, init_scores, config = fit_solver(
         flow,

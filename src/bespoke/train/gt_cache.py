@@ -11,8 +11,9 @@ float64, stored in the model's dtype, or float64 for models without one), its la
 comes from one dopri5 solve over the whole shard that holds it (dopri5's step size depends on the
 batch, so the batch is fixed to the shard). Shard k is `shard-0000k.safetensors` and holds pairs
 [k * shard_size, (k + 1) * shard_size); shards are always full, so a cache holds `num` rounded up
-to a multiple of `shard_size`. The manifest is rewritten (atomically) after every shard, with the
-SHA-256 of each shard file, so a killed run resumes where it stopped and a damaged shard is caught.
+to a multiple of `shard_size`. The manifest is written (atomically) with the first shard and rewritten
+after every shard, with the SHA-256 of each shard file, so a killed run resumes where it stopped and a
+damaged shard is caught; a run that fails before its first shard leaves no manifest.
 
 Dense trajectories (`trajectory=K`, for Bespoke training, which needs ground truth at learned times):
 each pair also stores the dopri5 solution and the velocity at K times on [0, ode_end], so
@@ -27,6 +28,8 @@ import itertools
 import json
 import math
 import os
+import re
+import reprlib
 import sys
 import time
 import warnings
@@ -48,7 +51,8 @@ FORMAT = "bespoke-gt"
 VERSION = 1
 MANIFEST = "manifest.json"
 _HOW_TO_MAKE = "make one with `bespoke gt --model SPEC --num N --out DIR`"
-# settings that must agree for a resumed run to add pairs of the same kind
+# settings that must agree for a resumed run to add pairs of the same kind (_read_manifest fills in the
+# values of caches made before a field existed)
 _RESUME_FIELDS = (
     "fingerprint",
     "seed",
@@ -63,7 +67,6 @@ _RESUME_FIELDS = (
     "trajectory",
     "noise_scale",
 )
-_RESUME_DEFAULTS = {"noise_scale": 1.0}  # what a cache made before a field existed holds
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -221,51 +224,152 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 
 def _read_manifest(out: Path) -> dict:
-    """The validated manifest of the cache in `out` (format, version, fields, shard list)."""
+    """The validated manifest of the cache in `out` (format, version, every field's type, the shard list)."""
     path = out / MANIFEST
     if not out.is_dir():
         raise BespokeError(f"{out} is not a GT cache (no such directory); {_HOW_TO_MAKE}")
     if not path.is_file():
         raise BespokeError(f"{out} is not a GT cache (it has no {MANIFEST}); {_HOW_TO_MAKE}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
         raise BespokeError(f"{out} is not a GT cache ({MANIFEST} cannot be read: {e}); {_HOW_TO_MAKE}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BespokeError(f"{out} is not a GT cache ({MANIFEST} is not a {FORMAT!r} manifest); {_HOW_TO_MAKE}")
-    if manifest.get("version") != VERSION:
+    if not (_is_int(manifest.get("version")) and manifest["version"] == VERSION):
         raise BespokeError(
-            f"{out} is a GT cache of manifest version {manifest.get('version')!r}, which bespoke "
-            f"{__version__} cannot read (it knows version {VERSION}); regenerate it into a new "
-            "directory with `bespoke gt` or use the bespoke version that made it"
+            f"{out} is a GT cache of manifest version {_short(manifest.get('version'))}, which bespoke "
+            f"{__version__} cannot read (it knows version {VERSION}); regenerate it into a new directory with "
+            "`bespoke gt --model SPEC --num N --out NEW_DIR` or use the bespoke version that made it"
         )
-    need = ("sample_shape", "dtype", "samples_dtype", "labels", "seed", "shard_size", "num", "rtol", "atol", "shards")
-    missing = [k for k in need if k not in manifest]
-    if missing:
-        raise BespokeError(f"{path} is damaged (missing {', '.join(missing)}); regenerate the cache with `bespoke gt`")
-    manifest.setdefault("trajectory", 0)  # caches from before dense trajectories hold endpoints only
-    size, shards, num = manifest["shard_size"], manifest["shards"], manifest["num"]
-    ok = isinstance(size, int) and size >= 1 and isinstance(num, int) and num >= 1 and isinstance(shards, list)
-    for k, entry in enumerate(shards if ok else []):
-        ok = ok and (
-            isinstance(entry, dict)
-            and entry.get("file") == _shard_name(k)
-            and entry.get("start") == k * size
-            and entry.get("stop") == (k + 1) * size
-            and isinstance(entry.get("sha256"), str)
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise BespokeError(
+            f"{path} is damaged: {problem}; regenerate the cache with `bespoke gt --model SPEC --num N --out DIR` "
+            f"into a new directory (or after deleting {out})"
         )
-    for key in ("dtype", "samples_dtype"):
-        ok = ok and isinstance(getattr(torch, str(manifest[key]), None), torch.dtype)
-    if not ok:
-        raise BespokeError(f"{path} is damaged (its shard list or dtypes are inconsistent); regenerate the cache")
     return manifest
+
+
+# --- manifest validation: one table of field checks ----------------------------------------------
+
+_REQUIRED, _OPTIONAL = object(), object()  # defaults: the field must be there / may be absent
+_FLOAT_DTYPES = frozenset(  # canonical names only: a shard's dtype is compared by name
+    _dtype_name(v) for v in vars(torch).values() if isinstance(v, torch.dtype) and v.is_floating_point
+)
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 40
+
+
+def _short(value) -> str:
+    """A bounded one-line repr of a JSON value, for error messages."""
+    return _SHORT.repr(value)
+
+
+def _is_int(value, low: int | None = None) -> bool:
+    """An int (not a bool), at least `low`."""
+    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+
+
+def _is_real(value) -> bool:
+    """A finite number that converts to float (not a bool, NaN, inf or a 400-digit int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_dtype(value) -> bool:
+    return isinstance(value, str) and value in _FLOAT_DTYPES
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and all(_is_int(d, 1) for d in value)
+
+
+def _is_guidance(value) -> bool:
+    return value is None or (
+        isinstance(value, dict) and _is_real(value.get("weight")) and isinstance(value.get("convention"), str)
+    )
+
+
+# (field, check, what it must be, default when absent: _REQUIRED, _OPTIONAL or what older caches hold)
+_FIELDS = (
+    ("model", _is_str, "a string", _REQUIRED),
+    ("fingerprint", lambda v: v is None or _is_str(v), "a string or null", _REQUIRED),
+    ("scheduler", lambda v: v is None or _is_str(v), "a string or null", _REQUIRED),
+    ("guidance", _is_guidance, 'null or {"weight": number, "convention": string}', _REQUIRED),
+    ("sample_shape", _is_shape, "a list of positive integers", _REQUIRED),
+    ("dtype", _is_dtype, "a torch floating-point dtype name", _REQUIRED),
+    ("samples_dtype", _is_dtype, "a torch floating-point dtype name", _REQUIRED),
+    ("num_classes", lambda v: v is None or _is_int(v, 1), "null or an integer >= 1", _REQUIRED),
+    ("labels", lambda v: isinstance(v, bool), "true or false", _REQUIRED),
+    ("solver", _is_str, "a string", _REQUIRED),
+    ("rtol", lambda v: _is_real(v) and v > 0, "a positive number", _REQUIRED),
+    ("atol", lambda v: _is_real(v) and v > 0, "a positive number", _REQUIRED),
+    ("seed", _is_int, "an integer", _REQUIRED),
+    ("shard_size", lambda v: _is_int(v, 1), "an integer >= 1", _REQUIRED),
+    ("num", lambda v: _is_int(v, 1), "an integer >= 1", _REQUIRED),
+    ("trajectory", lambda v: _is_int(v, 0) and v != 1, "0 or an integer >= 2", 0),  # 0: from before trajectories
+    ("ode_end", lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]", _OPTIONAL),
+    ("noise_scale", lambda v: _is_real(v) and v > 0, "a positive number", 1.0),  # 1: from before noise_scale
+    ("shards", lambda v: isinstance(v, list), "a list", _REQUIRED),
+)
+
+
+def _shard_fields(k: int, size: int) -> tuple:
+    """The checks of shard entry k, as in _FIELDS (all required)."""
+    name, start, stop = _shard_name(k), k * size, (k + 1) * size
+    return (
+        ("file", lambda v: v == name, repr(name), _REQUIRED),
+        ("start", lambda v: _is_int(v) and v == start, str(start), _REQUIRED),
+        ("stop", lambda v: _is_int(v) and v == stop, str(stop), _REQUIRED),
+        ("nfe", lambda v: _is_int(v, 1), "an integer >= 1", _REQUIRED),
+        ("seconds", lambda v: _is_real(v) and v >= 0, "a number >= 0", _REQUIRED),
+        ("sha256", lambda v: _is_str(v) and re.fullmatch("[0-9a-f]{64}", v) is not None, "64 hex digits", _REQUIRED),
+    )
+
+
+def _fields_problem(record: dict, fields: tuple, where: str = "") -> str | None:
+    """The first field of `record` that is missing or fails its check (absent defaults are filled in)."""
+    for key, check, what, default in fields:
+        if key not in record:
+            if default is _REQUIRED:
+                return f"{key!r}{where} is missing"
+            if default is not _OPTIONAL:
+                record[key] = default
+        elif not check(record[key]):
+            return f"{key!r}{where} must be {what}, got {_short(record[key])}"
+    return None
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's fields (None if nothing); fills in the defaults of older caches."""
+    problem = _fields_problem(manifest, _FIELDS)
+    if problem is None and manifest["trajectory"] and "ode_end" not in manifest:
+        problem = "'ode_end' is missing (a cache with trajectories needs it)"
+    if problem is None and manifest["labels"] != (manifest["num_classes"] is not None):
+        problem = f"'labels' is {manifest['labels']} but 'num_classes' is {manifest['num_classes']}"
+    for k, entry in enumerate(manifest["shards"] if problem is None else []):
+        if not isinstance(entry, dict):
+            return f"shard entry {k} must be an object, got {_short(entry)}"
+        problem = _fields_problem(entry, _shard_fields(k, manifest["shard_size"]), f" of shard entry {k}")
+        if problem is not None:
+            return problem
+    return problem
 
 
 def _finish(manifest: dict) -> dict:
     """The manifest with `stored` and `complete` brought up to date."""
     size = manifest["shard_size"]
     manifest["stored"] = len(manifest["shards"]) * size
-    manifest["complete"] = len(manifest["shards"]) >= math.ceil(manifest["num"] / size)
+    manifest["complete"] = len(manifest["shards"]) >= -(-manifest["num"] // size)  # exact for any int
     return manifest
 
 
@@ -285,7 +389,7 @@ def _check_flow(out: Path, manifest: dict, flow, force: bool) -> None:
         if not force:
             raise BespokeError(
                 f"{msg}; load it with the model it was made for, make a cache for this one with "
-                "`bespoke gt`, or pass force=True (--force)"
+                "`bespoke gt --model SPEC --num N --out NEW_DIR`, or pass force=True (--force)"
             )
         warnings.warn(f"{msg} (loaded anyway: force=True)", stacklevel=3)
 
@@ -294,9 +398,10 @@ def _load_shard(out: Path, manifest: dict, k: int) -> tuple[dict, dict]:
     """The tensors and metadata of shard k, after checking its checksum, shapes and dtypes."""
     entry = manifest["shards"][k]
     path = out / entry["file"]
-    fix = f"delete it and re-run the generation (`bespoke gt` with the same settings and --out {out}) to regenerate it"
+    rerun = f"re-run `bespoke gt --model SPEC --num N --out {out}` with the cache's settings to regenerate it"
+    fix = f"delete it and {rerun}"
     if not path.is_file():
-        raise BespokeError(f"GT shard {path} is missing; re-run the generation with the same settings to regenerate it")
+        raise BespokeError(f"GT shard {path} is missing; {rerun}")
     if _sha256(path) != entry["sha256"]:
         raise BespokeError(f"GT shard {path} is corrupt or truncated (its SHA-256 does not match the manifest); {fix}")
     tensors, meta = load_tensors(path, fix)
@@ -365,6 +470,11 @@ def load_gt(out_dir, flow=None, *, force: bool = False) -> GTCache:
     """
     out = Path(out_dir)
     manifest = _read_manifest(out)
+    if not manifest["shards"]:  # only older versions wrote a manifest before the first shard
+        raise BespokeError(
+            f"{out} holds no pairs yet (its generation stopped before the first shard); "
+            f"make them with `bespoke gt --model SPEC --num N --out {out}`"
+        )
     if flow is not None:
         _check_flow(out, manifest, flow, force)
     return _load(out, manifest)
@@ -410,7 +520,7 @@ def generate_gt(
     if trajectory == 1:
         raise BespokeError("trajectory needs at least 2 times (or 0 for endpoints only)")
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if not (_is_real(value) and value > 0):
             raise BespokeError(f"{name} must be a positive number, got {value!r}")
     settings = _settings(flow, seed=seed, shard_size=shard_size, rtol=rtol, atol=atol, trajectory=trajectory)
     if flow.fingerprint is None:
@@ -423,27 +533,19 @@ def generate_gt(
         raise BespokeError(f"{out} exists and is not a directory; choose another --out directory")
     barrier()  # under torchrun every rank reads the directory before any writes to it, so all split alike
 
-    if (out / MANIFEST).exists():
-        manifest = _read_manifest(out)
-        diff = [
-            f"{key}={manifest.get(key, _RESUME_DEFAULTS.get(key))!r} (now {settings[key]!r})"
-            for key in _RESUME_FIELDS
-            if manifest.get(key, _RESUME_DEFAULTS.get(key)) != settings[key]
-        ]
-        if diff:
-            raise BespokeError(
-                f"{out} holds a GT cache made with other settings: {'; '.join(diff)}; "
-                "use another --out directory or the same settings"
-            )
-        manifest["num"] = max(int(manifest["num"]), num)
-    else:
+    manifest = _resumed(out, settings)
+    if manifest is None:
         manifest = {"format": FORMAT, "version": VERSION, **settings, "num": num, "shards": []}
         manifest["ode_end"] = flow.ode_end
         manifest["created"] = _now()
+        problem = _manifest_problem(dict(manifest))
+        if problem is not None:  # never write a manifest that cannot be read back
+            raise BespokeError(f"{flow.name} cannot have a GT cache: its {problem}")
+    manifest["num"] = max(manifest["num"], num)
     manifest["library_version"] = __version__
 
     entries = dict(enumerate(manifest["shards"]))
-    wanted = max(math.ceil(num / shard_size), len(entries))
+    wanted = max(-(-num // shard_size), len(entries))
     todo = []
     for k in range(wanted):
         if k in entries:
@@ -487,15 +589,38 @@ def generate_gt(
             entries.update(part)
         _update(out, manifest, entries)
         barrier()
+    if not manifest["shards"]:  # nothing solved (max_shards=0): no manifest was written
+        return _load(out, _finish(manifest))
     return _load(out, _read_manifest(out))
 
 
+def _resumed(out: Path, settings: dict) -> dict | None:
+    """The manifest of the cache in `out` to resume or extend, or None to start afresh: there is none, or it
+    holds no shards and no shard file exists (a run of an older version that failed before its first shard)."""
+    if not (out / MANIFEST).exists():
+        return None
+    manifest = _read_manifest(out)
+    diff = [
+        f"{key}={manifest[key]!r} (now {settings[key]!r})" for key in _RESUME_FIELDS if manifest[key] != settings[key]
+    ]
+    if not diff:
+        return manifest
+    if not manifest["shards"] and not any(out.glob("shard-*.safetensors")):
+        return None  # nothing to lose
+    raise BespokeError(
+        f"{out} holds a GT cache made with other settings: {'; '.join(diff)}; "
+        "use another --out directory or the same settings"
+    )
+
+
 def _update(out: Path, manifest: dict, entries: dict) -> None:
-    """Write the manifest with the contiguous prefix of shards that exist (rank 0 only)."""
+    """Write the manifest with the contiguous prefix of shards that exist (rank 0 only), once there is one:
+    a run that fails before its first shard leaves no manifest that would refuse other settings."""
     manifest["shards"] = list(itertools.takewhile(lambda e: e is not None, map(entries.get, itertools.count())))
     manifest["updated"] = _now()
-    if is_main():
-        _write_manifest(out, _finish(manifest))
+    _finish(manifest)
+    if is_main() and manifest["shards"]:
+        _write_manifest(out, manifest)
 
 
 def _adopt(out: Path, k: int, shard_size: int) -> dict | None:
@@ -507,10 +632,11 @@ def _adopt(out: Path, k: int, shard_size: int) -> dict | None:
         _, meta = load_tensors(path, "")
     except BespokeError:
         return None
-    if (meta.get("index"), meta.get("start"), meta.get("stop")) != (k, k * shard_size, (k + 1) * shard_size):
+    if not isinstance(meta, dict) or not _is_int(meta.get("index")) or meta["index"] != k:
         return None
-    entry = {key: meta[key] for key in ("start", "stop", "nfe", "seconds")}
-    return {"file": path.name, **entry, "sha256": _sha256(path)}
+    entry = {"file": path.name, **{key: meta.get(key) for key in ("start", "stop", "nfe", "seconds")}}
+    entry["sha256"] = _sha256(path)
+    return entry if _fields_problem(entry, _shard_fields(k, shard_size)) is None else None
 
 
 def _make_shard(flow, settings: dict, out: Path, k: int, device) -> dict:

@@ -91,21 +91,55 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+_FRESH = "delete it to start afresh"
+
+
 def _load_checkpoint(path: Path, signature: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BespokeError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to start afresh"
-        ) from None
-    if state.get("signature") != signature:
-        theirs = state.get("signature") or {}
+        raise BespokeError(f"checkpoint {path} cannot be read ({type(e).__name__}); {_FRESH}") from None
+    need = ("signature", "module", "adam", "lbfgs", *_RUN_KEYS)
+    missing = [k for k in need if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise BespokeError(f"checkpoint {path} is not a training checkpoint (no {', '.join(missing)}); {_FRESH}")
+    theirs = state["signature"] if isinstance(state["signature"], dict) else {}
+    if theirs != signature:
         diff = sorted(k for k in set(signature) | set(theirs) if signature.get(k) != theirs.get(k))
         raise BespokeError(
             f"checkpoint {path} belongs to another training run (differs in {', '.join(diff)}); "
             "use another output path or delete the checkpoint to start afresh"
         )
     return state
+
+
+def _restore(path: Path, state: dict, module, adam, lbfgs) -> dict:
+    """Load a checkpoint's parameters and optimiser states; the run's progress (its _RUN_KEYS) back."""
+    try:
+        module.load_state_dict(state["module"])
+        adam.load_state_dict(state["adam"])
+        if state["lbfgs"]:
+            lbfgs.load_state_dict(state["lbfgs"])
+        run = {k: state[k] for k in _RUN_KEYS}
+        run["history"] = [(int(i), float(v)) for i, v in run["history"]]
+        _check_run(run, module)
+    except Exception as e:  # wrong names, shapes or types anywhere in a checkpoint that unpickled safely
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise BespokeError(f"checkpoint {path} has the wrong structure ({message}); {_FRESH}") from None
+    return run
+
+
+def _check_run(run: dict, module) -> None:
+    """The progress fields of a checkpoint have the types `fit` relies on."""
+    ints, floats = ("step", "best_iteration", "bad"), ("seconds", "best_val", "initial_val", "lr_factor")
+    if not all(type(run[k]) is int for k in ints) or not all(isinstance(run[k], float) for k in floats):
+        raise TypeError(f"progress fields {', '.join(ints + floats)} must be numbers")
+    if not isinstance(run["stopped_early"], bool) or not isinstance(run["best"], dict):
+        raise TypeError("stopped_early must be a bool and best a state dict")
+    mine, best = module.state_dict(), run["best"]
+    fits = lambda k, v: isinstance(best.get(k), torch.Tensor) and best[k].shape == v.shape  # noqa: E731
+    if set(best) != set(mine) or not all(fits(k, v) for k, v in mine.items()):
+        raise TypeError("the best parameters do not fit the solver")
 
 
 def fit(
@@ -143,13 +177,7 @@ def fit(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     total = config.iterations + config.polish_steps
     if ckpt is not None and ckpt.exists():
-        st = _load_checkpoint(ckpt, signature)
-        module.load_state_dict(st["module"])
-        adam.load_state_dict(st["adam"])
-        if st["lbfgs"]:
-            lbfgs.load_state_dict(st["lbfgs"])
-        run = {k: st[k] for k in _RUN_KEYS}
-        run["history"] = [tuple(h) for h in run["history"]]
+        run = _restore(ckpt, _load_checkpoint(ckpt, signature), module, adam, lbfgs)
     else:
         v = float(val_fn(module))
         run = {

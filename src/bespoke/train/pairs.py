@@ -92,7 +92,7 @@ def fit_solver(flow, train, val, initial, batch_loss, config, *, signature, chec
     config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
     if device is not None:
         module.to(device)
-    module.model_fingerprint = flow.fingerprint
+    module.bind_model(flow)
 
     def share(m, idx, of: int) -> torch.Tensor:  # this rank's part of a mean over `of` pairs
         mine = idx[rank() :: world_size()]

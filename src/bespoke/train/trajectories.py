@@ -24,8 +24,9 @@ def gt_at(cache, idx: torch.Tensor, t: torch.Tensor):
     Times past the last stored time (a discrete-time model's ode_end < 1) are clamped to it."""
     if cache.trajectory_states is None:
         raise BespokeError(
-            f"{cache.path} holds endpoints only; Bespoke training needs dense trajectories: make the cache "
-            "with `generate_gt(..., trajectory=K)` (`bespoke gt --trajectory K`)"
+            f"{cache.path} holds endpoints only; Bespoke training needs dense trajectories: make a cache with them "
+            "in a new directory (`bespoke gt --model SPEC --num N --trajectory 65 --out NEW_DIR`; Python: "
+            "generate_gt(..., trajectory=65))"
         )
     grid = cache.trajectory_times.to(t.device)
     tt = t.detach().to(torch.float64).clamp(0.0, float(grid[-1]))
