@@ -8,7 +8,6 @@ preconditioning, times for reading) and how it was trained. Loading validates al
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import torch
 
 from .._version import __version__
 from ..errors import BespokeError
-from ..flows import GUIDANCE_CONVENTIONS
 from ..io import read_tensors, save_tensors
+from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, is_real, is_str, short
 from .bns import BNSSolver
 from .learned import guidance_record
 from .scale_time import BespokeSolver
@@ -71,63 +70,45 @@ def read_metadata(path) -> dict:
 
 # --- validation: every field a reader uses has the type it expects, or the file is refused -----------
 
-_REAL = lambda v: type(v) in (int, float) and not math.isnan(v)  # noqa: E731  (PSNR may be inf)
-_CHECKS = {
-    "a string": lambda v: isinstance(v, str),
-    "a string or null": lambda v: v is None or isinstance(v, str),
-    "an integer >= 1": lambda v: type(v) is int and v >= 1,
-    "an integer >= 0": lambda v: type(v) is int and v >= 0,
-    "a number": _REAL,
-    "a finite number": lambda v: _REAL(v) and math.isfinite(v),
-    "a positive number": lambda v: _REAL(v) and math.isfinite(v) and v > 0,
-    "an object": lambda v: isinstance(v, dict),
-    "a list of finite numbers": lambda v: isinstance(v, list) and all(_REAL(x) and math.isfinite(x) for x in v),
-    "null or {weight, convention}": lambda v: v is None
-    or (
-        isinstance(v, dict)
-        and _REAL(v.get("weight"))
-        and math.isfinite(v["weight"])
-        and v.get("convention") in GUIDANCE_CONVENTIONS
-    ),
-}
-# field -> (what it must be, required)
-_MODEL_FIELDS = {
-    "name": ("a string or null", False),
-    "fingerprint": ("a string or null", True),
-    "scheduler": ("a string or null", False),
-    "guidance": ("null or {weight, convention}", False),  # absent: none
-}
-_ENTRY_FIELDS = {
-    "nfe": ("an integer >= 1", True),
-    "init": ("a string", False),
-    "parameters": ("an integer >= 1", False),
-    "times": ("a list of finite numbers", False),
-    "training": ("an object", False),
-    "sigma0": ("a positive number", False),
-    "start_scale": ("a finite number", False),
-    "base": ("a string", False),
-    "steps": ("an integer >= 1", False),
-}
-_TRAINING_FIELDS = {  # a summary may lack any of these (say, one written from Python), never mistype them
-    "objective": ("a string", False),
-    "init": ("a string", False),
-    "train_pairs": ("an integer >= 0", False),
-    "val_pairs": ("an integer >= 0", False),
-    "val_psnr_init": ("a number", False),
-    "val_psnr": ("a number", False),
-    "best_iteration": ("an integer >= 0", False),
-    "iterations": ("an integer >= 0", False),
-    "seconds": ("a finite number", False),
-}
+_OPT_STR = (lambda v: v is None or is_str(v), "a string or null")
+_COUNT = (lambda v: is_int(v, 1), "an integer >= 1")
+_STEPS = (lambda v: is_int(v, 0), "an integer >= 0")
+_PSNR = (lambda v: is_real(v, finite=False), "a number")  # inf where a solver is exact
+_TIMES = (lambda v: isinstance(v, list) and all(is_real(x) for x in v), "a list of finite numbers")
+_MODEL_FIELDS = (
+    ("name", *_OPT_STR, OPTIONAL),
+    ("fingerprint", *_OPT_STR, REQUIRED),
+    ("scheduler", *_OPT_STR, OPTIONAL),
+    ("guidance", is_guidance, 'null or {"weight": number, "convention": string}', None),  # absent: none
+)
+_ENTRY_FIELDS = (
+    ("nfe", *_COUNT, REQUIRED),
+    ("init", is_str, "a string", OPTIONAL),
+    ("parameters", *_COUNT, OPTIONAL),
+    ("times", *_TIMES, OPTIONAL),
+    ("training", lambda v: isinstance(v, dict), "an object", OPTIONAL),
+    ("sigma0", lambda v: is_real(v) and v > 0, "a positive number", OPTIONAL),
+    ("start_scale", is_real, "a finite number", OPTIONAL),
+    ("base", is_str, "a string", OPTIONAL),
+    ("steps", *_COUNT, OPTIONAL),
+)
+_TRAINING_FIELDS = (  # a summary may lack any of these (say, one written from Python), never mistype them
+    ("objective", is_str, "a string", OPTIONAL),
+    ("init", is_str, "a string", OPTIONAL),
+    ("train_pairs", *_STEPS, OPTIONAL),
+    ("val_pairs", *_STEPS, OPTIONAL),
+    ("val_psnr_init", *_PSNR, OPTIONAL),
+    ("val_psnr", *_PSNR, OPTIONAL),
+    ("best_iteration", *_STEPS, OPTIONAL),
+    ("iterations", *_STEPS, OPTIONAL),
+    ("seconds", is_real, "a finite number", OPTIONAL),
+)
 
 
-def _check_fields(path, where: str, record: dict, fields: dict) -> None:
-    for key, (what, required) in fields.items():
-        if key not in record:
-            if required:
-                raise BespokeError(f"{path} is damaged: {where} has no {key!r}; {_FIX}")
-        elif not _CHECKS[what](record[key]):
-            raise BespokeError(f"{path} is damaged: {where}'s {key!r} must be {what}, got {record[key]!r:.60}; {_FIX}")
+def _check_fields(path, record: dict, fields, where: str) -> None:
+    problem = fields_problem(record, fields, where)
+    if problem is not None:
+        raise BespokeError(f"{path} is damaged: {problem}; {_FIX}")
 
 
 def _check_metadata(path, meta) -> None:
@@ -137,25 +118,25 @@ def _check_metadata(path, meta) -> None:
         raise BespokeError(f"{path} is not a bespoke solver file (format {got!r}); {_FIX}")
     if type(meta.get("version")) is not int or meta["version"] not in READS:
         raise BespokeError(
-            f"{path} has solver-file version {meta.get('version')!r:.20}, but this bespoke ({__version__}) reads "
+            f"{path} has solver-file version {short(meta.get('version'))}, but this bespoke ({__version__}) reads "
             f"versions {', '.join(map(str, READS))}; upgrade bespoke-solvers or re-train the solver"
         )
     if not isinstance(meta.get("model"), dict):
         raise BespokeError(f"{path} does not say which model it is for (no 'model' record); {_FIX}")
-    _check_fields(path, "the model record", meta["model"], _MODEL_FIELDS)
+    _check_fields(path, meta["model"], _MODEL_FIELDS, " of the model record")
     entries = meta.get("solvers")
     if not isinstance(entries, dict) or not entries:
         raise BespokeError(f"{path} holds no solvers; {_FIX}")
     for key, entry in entries.items():
         if not (key.isdigit() and key.isascii() and str(int(key)) == key and int(key) >= 1):
-            raise BespokeError(f"{path} is damaged: solvers are keyed by NFE (1, 2, ...), not {key!r:.20}; {_FIX}")
+            raise BespokeError(f"{path} is damaged: solvers are keyed by NFE (1, 2, ...), not {short(key)}; {_FIX}")
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
             kind = entry.get("kind") if isinstance(entry, dict) else entry
-            raise BespokeError(f"{path}: solver {key} has unknown kind {kind!r:.40}; valid: {', '.join(KINDS)}")
-        _check_fields(path, f"solver {key}", entry, _ENTRY_FIELDS)
+            raise BespokeError(f"{path}: solver {key} has unknown kind {short(kind)}; valid: {', '.join(KINDS)}")
+        _check_fields(path, entry, _ENTRY_FIELDS, f" of solver {key}")
         if entry["nfe"] != int(key):
             raise BespokeError(f"{path} is damaged: solver {key} says it has NFE {entry['nfe']}; {_FIX}")
-        _check_fields(path, f"solver {key}'s training summary", entry.get("training", {}), _TRAINING_FIELDS)
+        _check_fields(path, entry.get("training", {}), _TRAINING_FIELDS, f" of solver {key}'s training summary")
 
 
 def _read(path) -> tuple[dict, dict]:
@@ -193,7 +174,7 @@ def _build(path, tensors: dict, meta: dict, nfe: int, flow, force: bool):
         solver = kind.from_state(state, entry, meta["model"]["fingerprint"])
     except BespokeError as e:
         raise BespokeError(f"{path}: the NFE-{nfe} solver is invalid ({e}); {_FIX}") from None
-    solver.model_guidance = meta["model"].get("guidance")
+    solver.model_guidance = meta["model"]["guidance"]
     solver.force = force
     if flow is not None:
         try:

@@ -26,10 +26,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
-import reprlib
 import sys
 import time
 import warnings
@@ -44,6 +42,7 @@ from ..distributed import all_gather, barrier, is_main, rank, world_size
 from ..errors import BespokeError, NonFiniteVelocity
 from ..io import load_tensors, save_tensors
 from ..noise import draw_labels, draw_noise
+from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, is_real, is_str, short
 
 __all__ = ["GTCache", "generate_gt", "load_gt", "FORMAT", "VERSION", "MANIFEST"]
 
@@ -236,9 +235,9 @@ def _read_manifest(out: Path) -> dict:
         raise BespokeError(f"{out} is not a GT cache ({MANIFEST} cannot be read: {e}); {_HOW_TO_MAKE}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BespokeError(f"{out} is not a GT cache ({MANIFEST} is not a {FORMAT!r} manifest); {_HOW_TO_MAKE}")
-    if not (_is_int(manifest.get("version")) and manifest["version"] == VERSION):
+    if not (is_int(manifest.get("version")) and manifest["version"] == VERSION):
         raise BespokeError(
-            f"{out} is a GT cache of manifest version {_short(manifest.get('version'))}, which bespoke "
+            f"{out} is a GT cache of manifest version {short(manifest.get('version'))}, which bespoke "
             f"{__version__} cannot read (it knows version {VERSION}); regenerate it into a new directory with "
             "`bespoke gt --model SPEC --num N --out NEW_DIR` or use the bespoke version that made it"
         )
@@ -253,36 +252,9 @@ def _read_manifest(out: Path) -> dict:
 
 # --- manifest validation: one table of field checks ----------------------------------------------
 
-_REQUIRED, _OPTIONAL = object(), object()  # defaults: the field must be there / may be absent
 _FLOAT_DTYPES = frozenset(  # canonical names only: a shard's dtype is compared by name
     _dtype_name(v) for v in vars(torch).values() if isinstance(v, torch.dtype) and v.is_floating_point
 )
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 40
-
-
-def _short(value) -> str:
-    """A bounded one-line repr of a JSON value, for error messages."""
-    return _SHORT.repr(value)
-
-
-def _is_int(value, low: int | None = None) -> bool:
-    """An int (not a bool), at least `low`."""
-    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
-
-
-def _is_real(value) -> bool:
-    """A finite number that converts to float (not a bool, NaN, inf or a 400-digit int)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _is_str(value) -> bool:
-    return isinstance(value, str)
 
 
 def _is_dtype(value) -> bool:
@@ -290,36 +262,30 @@ def _is_dtype(value) -> bool:
 
 
 def _is_shape(value) -> bool:
-    return isinstance(value, list) and all(_is_int(d, 1) for d in value)
+    return isinstance(value, list) and all(is_int(d, 1) for d in value)
 
 
-def _is_guidance(value) -> bool:
-    return value is None or (
-        isinstance(value, dict) and _is_real(value.get("weight")) and isinstance(value.get("convention"), str)
-    )
-
-
-# (field, check, what it must be, default when absent: _REQUIRED, _OPTIONAL or what older caches hold)
+# (field, check, what it must be, default when absent: REQUIRED, OPTIONAL or what older caches hold)
 _FIELDS = (
-    ("model", _is_str, "a string", _REQUIRED),
-    ("fingerprint", lambda v: v is None or _is_str(v), "a string or null", _REQUIRED),
-    ("scheduler", lambda v: v is None or _is_str(v), "a string or null", _REQUIRED),
-    ("guidance", _is_guidance, 'null or {"weight": number, "convention": string}', _REQUIRED),
-    ("sample_shape", _is_shape, "a list of positive integers", _REQUIRED),
-    ("dtype", _is_dtype, "a torch floating-point dtype name", _REQUIRED),
-    ("samples_dtype", _is_dtype, "a torch floating-point dtype name", _REQUIRED),
-    ("num_classes", lambda v: v is None or _is_int(v, 1), "null or an integer >= 1", _REQUIRED),
-    ("labels", lambda v: isinstance(v, bool), "true or false", _REQUIRED),
-    ("solver", _is_str, "a string", _REQUIRED),
-    ("rtol", lambda v: _is_real(v) and v > 0, "a positive number", _REQUIRED),
-    ("atol", lambda v: _is_real(v) and v > 0, "a positive number", _REQUIRED),
-    ("seed", _is_int, "an integer", _REQUIRED),
-    ("shard_size", lambda v: _is_int(v, 1), "an integer >= 1", _REQUIRED),
-    ("num", lambda v: _is_int(v, 1), "an integer >= 1", _REQUIRED),
-    ("trajectory", lambda v: _is_int(v, 0) and v != 1, "0 or an integer >= 2", 0),  # 0: from before trajectories
-    ("ode_end", lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]", _OPTIONAL),
-    ("noise_scale", lambda v: _is_real(v) and v > 0, "a positive number", 1.0),  # 1: from before noise_scale
-    ("shards", lambda v: isinstance(v, list), "a list", _REQUIRED),
+    ("model", is_str, "a string", REQUIRED),
+    ("fingerprint", lambda v: v is None or is_str(v), "a string or null", REQUIRED),
+    ("scheduler", lambda v: v is None or is_str(v), "a string or null", REQUIRED),
+    ("guidance", is_guidance, 'null or {"weight": number, "convention": string}', REQUIRED),
+    ("sample_shape", _is_shape, "a list of positive integers", REQUIRED),
+    ("dtype", _is_dtype, "a torch floating-point dtype name", REQUIRED),
+    ("samples_dtype", _is_dtype, "a torch floating-point dtype name", REQUIRED),
+    ("num_classes", lambda v: v is None or is_int(v, 1), "null or an integer >= 1", REQUIRED),
+    ("labels", lambda v: isinstance(v, bool), "true or false", REQUIRED),
+    ("solver", is_str, "a string", REQUIRED),
+    ("rtol", lambda v: is_real(v) and v > 0, "a positive number", REQUIRED),
+    ("atol", lambda v: is_real(v) and v > 0, "a positive number", REQUIRED),
+    ("seed", is_int, "an integer", REQUIRED),
+    ("shard_size", lambda v: is_int(v, 1), "an integer >= 1", REQUIRED),
+    ("num", lambda v: is_int(v, 1), "an integer >= 1", REQUIRED),
+    ("trajectory", lambda v: is_int(v, 0) and v != 1, "0 or an integer >= 2", 0),  # 0: from before trajectories
+    ("ode_end", lambda v: is_real(v) and 0 < v <= 1, "a number in (0, 1]", OPTIONAL),
+    ("noise_scale", lambda v: is_real(v) and v > 0, "a positive number", 1.0),  # 1: from before noise_scale
+    ("shards", lambda v: isinstance(v, list), "a list", REQUIRED),
 )
 
 
@@ -327,39 +293,26 @@ def _shard_fields(k: int, size: int) -> tuple:
     """The checks of shard entry k, as in _FIELDS (all required)."""
     name, start, stop = _shard_name(k), k * size, (k + 1) * size
     return (
-        ("file", lambda v: v == name, repr(name), _REQUIRED),
-        ("start", lambda v: _is_int(v) and v == start, str(start), _REQUIRED),
-        ("stop", lambda v: _is_int(v) and v == stop, str(stop), _REQUIRED),
-        ("nfe", lambda v: _is_int(v, 1), "an integer >= 1", _REQUIRED),
-        ("seconds", lambda v: _is_real(v) and v >= 0, "a number >= 0", _REQUIRED),
-        ("sha256", lambda v: _is_str(v) and re.fullmatch("[0-9a-f]{64}", v) is not None, "64 hex digits", _REQUIRED),
+        ("file", lambda v: v == name, repr(name), REQUIRED),
+        ("start", lambda v: is_int(v) and v == start, str(start), REQUIRED),
+        ("stop", lambda v: is_int(v) and v == stop, str(stop), REQUIRED),
+        ("nfe", lambda v: is_int(v, 1), "an integer >= 1", REQUIRED),
+        ("seconds", lambda v: is_real(v) and v >= 0, "a number >= 0", REQUIRED),
+        ("sha256", lambda v: is_str(v) and re.fullmatch("[0-9a-f]{64}", v) is not None, "64 hex digits", REQUIRED),
     )
-
-
-def _fields_problem(record: dict, fields: tuple, where: str = "") -> str | None:
-    """The first field of `record` that is missing or fails its check (absent defaults are filled in)."""
-    for key, check, what, default in fields:
-        if key not in record:
-            if default is _REQUIRED:
-                return f"{key!r}{where} is missing"
-            if default is not _OPTIONAL:
-                record[key] = default
-        elif not check(record[key]):
-            return f"{key!r}{where} must be {what}, got {_short(record[key])}"
-    return None
 
 
 def _manifest_problem(manifest: dict) -> str | None:
     """What is wrong with a manifest's fields (None if nothing); fills in the defaults of older caches."""
-    problem = _fields_problem(manifest, _FIELDS)
+    problem = fields_problem(manifest, _FIELDS)
     if problem is None and manifest["trajectory"] and "ode_end" not in manifest:
         problem = "'ode_end' is missing (a cache with trajectories needs it)"
     if problem is None and manifest["labels"] != (manifest["num_classes"] is not None):
         problem = f"'labels' is {manifest['labels']} but 'num_classes' is {manifest['num_classes']}"
     for k, entry in enumerate(manifest["shards"] if problem is None else []):
         if not isinstance(entry, dict):
-            return f"shard entry {k} must be an object, got {_short(entry)}"
-        problem = _fields_problem(entry, _shard_fields(k, manifest["shard_size"]), f" of shard entry {k}")
+            return f"shard entry {k} must be an object, got {short(entry)}"
+        problem = fields_problem(entry, _shard_fields(k, manifest["shard_size"]), f" of shard entry {k}")
         if problem is not None:
             return problem
     return problem
@@ -520,7 +473,7 @@ def generate_gt(
     if trajectory == 1:
         raise BespokeError("trajectory needs at least 2 times (or 0 for endpoints only)")
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if not (_is_real(value) and value > 0):
+        if not (is_real(value) and value > 0):
             raise BespokeError(f"{name} must be a positive number, got {value!r}")
     settings = _settings(flow, seed=seed, shard_size=shard_size, rtol=rtol, atol=atol, trajectory=trajectory)
     if flow.fingerprint is None:
@@ -632,11 +585,11 @@ def _adopt(out: Path, k: int, shard_size: int) -> dict | None:
         _, meta = load_tensors(path, "")
     except BespokeError:
         return None
-    if not isinstance(meta, dict) or not _is_int(meta.get("index")) or meta["index"] != k:
+    if not isinstance(meta, dict) or not is_int(meta.get("index")) or meta["index"] != k:
         return None
     entry = {"file": path.name, **{key: meta.get(key) for key in ("start", "stop", "nfe", "seconds")}}
     entry["sha256"] = _sha256(path)
-    return entry if _fields_problem(entry, _shard_fields(k, shard_size)) is None else None
+    return entry if fields_problem(entry, _shard_fields(k, shard_size)) is None else None
 
 
 def _make_shard(flow, settings: dict, out: Path, k: int, device) -> dict:
