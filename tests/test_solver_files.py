@@ -227,4 +227,6 @@ def test_a_file_trained_at_another_guidance_scale_is_refused_unless_forced(tmp_p
     assert cli.main([str(a) for a in [*argv, "--guidance", "3", "--quiet"]]) == 2
     assert "--guidance" in capsys.readouterr().err
     assert cli.main([str(a) for a in [*argv, "--guidance", "3", "--force", "--quiet"]]) == 0
+    err = capsys.readouterr().err  # one warning line, not one per batch, without Python's source line
+    assert err.count("bespoke: warning: this solver was trained at guidance w=2") == 1 and err.count("\n") == 1
     assert cli.main([str(a) for a in [*argv, "--guidance", "2", "--quiet"]]) == 0

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import bespoke
 from bespoke import BespokeError
@@ -92,9 +93,25 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Warnings (a solver file used with --force, ...) as one line `bespoke: warning: ...` on stderr, without
+    the Python source line; the previous display is restored afterwards."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"bespoke: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
-    with _terminate_as_interrupt():
+    with _terminate_as_interrupt(), _warnings_as_lines():
         return _main(argv)
 
 

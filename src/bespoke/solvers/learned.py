@@ -64,6 +64,7 @@ class Learned(nn.Module, Solver):
         self.model_guidance: dict | None = None  # the guidance it was trained at (checked with the fingerprint)
         self.force = force
         self.training_summary: dict = {}
+        self._warned: set[str] = set()  # the forced mismatches already warned about
 
     def bind_model(self, flow) -> Learned:
         """Record `flow` (its fingerprint and guidance) as the model this solver is for; returns self."""
@@ -102,7 +103,9 @@ class Learned(nn.Module, Solver):
             return
         if not self.force:
             raise BespokeError(f"{problem}; {fix}, or force it (force=True / --force)")
-        warnings.warn(f"{problem} (used anyway: forced)", stacklevel=3)
+        if problem not in self._warned:  # once per solver, not at every batch
+            self._warned.add(problem)
+            warnings.warn(f"{problem} (used anyway: forced)", stacklevel=3)
 
     def validate(self) -> None:
         """Finite parameters and a monotone grid (checked before saving and after loading)."""
