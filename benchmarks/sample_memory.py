@@ -25,7 +25,7 @@ PROBE = (
     "import resource, sys, bespoke; from bespoke.cli import main; rc = main(sys.argv[1:]); "
     "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, bespoke.__file__, flush=True); sys.exit(rc)"
 )
-COMMAND = ["sample", "--model", "zoo:digits-ot", "--solver", "euler", "--nfe", "8", "--quiet"]
+COMMAND = ["sample", "--model", "zoo:digits-ot", "--solver", "euler", "--nfe", "4", "--quiet"]
 
 
 def peak_mib(src: Path, num: int, out: Path) -> tuple[float, float]:

@@ -380,6 +380,10 @@ BAD = {
         ["train", *MODEL, "--solver", "bns", "--nfe", str(10**9), "--out", "{tmp}/r.safetensors"],
         ["training a solver at NFE 1000000000", "needs about", "lower --nfe"],
     ),
+    "demo-nfe-beyond-memory": (
+        ["demo", *MODEL, "--fast", "--nfe", str(10**9), "--out", "{tmp}/demo-huge"],
+        ["training a solver at NFE 1000000000", "needs about"],
+    ),
     "gt-num-beyond-disk": (
         ["gt", *MODEL, "--num", str(10**14), "--out", "{tmp}/gt-huge"],
         ["GT cache of 100000000000000 pairs", "needs about", "free on the disk"],

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import bespoke
+from bespoke.io import load_tensors
 
 FILES = (
     "report.md",
@@ -36,12 +39,13 @@ def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     first = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", cwd=tmp)
     assert first[0] == 0, first[2]
+    results = (tmp / "d" / "results.json").read_text()
     solvers = ",".join(["all", "d/bns.safetensors", "d/bespoke-rk2.safetensors"])
     common = ["eval", "--model", "zoo:gmm2d", "--solvers", solvers, "--nfe", "4,8,16", "--quiet"]
     with_gt = _bespoke(*common, "--gt", "d/cache/gt-eval", "--json", "gt.json", cwd=tmp)
     with_seed = _bespoke(*common, "--num", "64", "--seed", "0", "--labels", "random", "--json", "seed.json", cwd=tmp)
     again = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", "--quiet", cwd=tmp)
-    return {"tmp": tmp, "first": first, "with_gt": with_gt, "with_seed": with_seed, "again": again}
+    return {"tmp": tmp, "first": first, "results": results, "with_gt": with_gt, "with_seed": with_seed, "again": again}
 
 
 def _field(path, key: str) -> dict[tuple[str, int], float]:
@@ -116,6 +120,49 @@ def test_rerun_reuses_ground_truth_and_solvers(demo):
     assert rc == 0, stderr
     assert stderr == ""  # --quiet
     report = (demo["tmp"] / "d" / "report.md").read_text()
-    for step in ("ground truth, evaluation pairs", "ground truth, training pairs", "train BNS", "train RK2-Bespoke"):
+    steps = ("ground truth, evaluation pairs", "ground truth, training pairs", "train BNS", "train RK2-Bespoke")
+    for step in (*steps, "evaluation"):
         assert f"| {step} | cached |" in report, step
     assert _psnr(demo["tmp"] / "d" / "results.json") == _psnr(demo["tmp"] / "gt.json")
+    again = json.loads((demo["tmp"] / "d" / "results.json").read_text())
+    assert again["results"] == json.loads(demo["results"])["results"]  # every number, from the cached cells
+
+
+def test_a_damaged_evaluation_cell_is_evaluated_again(demo, tmp_path):
+    """One cached cell cut short and one overwritten: the demo evaluates (and rewrites) those two, reuses the rest."""
+    out = tmp_path / "d"
+    shutil.copytree(demo["tmp"] / "d", out)
+    files = sorted((out / "cache" / "eval").glob("*.safetensors"))
+    ran = [p for p in files if load_tensors(p, "")[1]["result"] is not None]
+    ran[0].write_bytes(ran[0].read_bytes()[:100])
+    ran[1].write_bytes(b"not a safetensors file")
+    before = {p: p.read_bytes() for p in files}
+    rc, _, stderr = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", cwd=tmp_path)
+    assert rc == 0, stderr
+    assert f"({len(files) - 2} of {len(files)} cells cached)" in stderr
+    assert [p for p in files if p.read_bytes() != before[p]] == ran[:2]
+    assert all(load_tensors(p, "")[1]["result"] is not None for p in ran[:2])
+    assert "| evaluation | cached |" not in (out / "report.md").read_text()
+    assert _psnr(out / "results.json") == _psnr(demo["tmp"] / "gt.json")
+
+
+def test_a_cached_cell_reads_back_as_run_eval_made_it(tmp_path):
+    """Every field of a Cell and its EvalResult (samples bit for bit) survives the cache; another key or a
+    damaged file reads as missing."""
+    from bespoke.cli import demo as d
+    from bespoke.cli.evaluate import Cell
+
+    samples = torch.randn(5, 2, dtype=torch.float64)
+    result = bespoke.EvalResult("x.safetensors", 8, 41.5, 0.0123, 5, 0.25, samples=samples)
+    cells = [Cell("x.safetensors", 8, 8, result), Cell("heun", 4, 4, na="singular at t = 1"), Cell("bns", 4, None)]
+    for k, cell in enumerate(cells):
+        key = {"solver": f"id{k}", "requested_nfe": cell.requested}
+        path = d._cell_path(tmp_path, key)
+        d._save_cell(path, key, cell)
+        back = d._load_cell(path, key, cell.solver, "cpu")
+        assert back == cell  # dataclass equality: every field (EvalResult compares all but samples)
+        if cell.result is not None:
+            assert torch.equal(back.result.samples, samples) and back.result.samples.dtype == torch.float64
+        assert d._load_cell(path, dict(key, solver="other"), cell.solver, "cpu") is None
+        path.write_bytes(path.read_bytes()[:-1])
+        assert d._load_cell(path, key, cell.solver, "cpu") is None

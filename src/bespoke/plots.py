@@ -7,6 +7,7 @@ rename), so an interrupted run never leaves half a PNG. matplotlib runs on the A
 from __future__ import annotations
 
 import math
+import textwrap
 
 import torch
 
@@ -48,23 +49,45 @@ def is_image(shape) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) >= 4
 
 
+_SAME_DB = 1e-6  # dB: solvers whose PSNR agrees to this at every NFE are drawn as one line
+
+
+def _coinciding(by: dict[str, list[tuple[int, float]]], tol: float = _SAME_DB) -> list[list[str]]:
+    """Solvers grouped by identical curves: the same NFEs, and PSNRs equal to `tol` dB at each; in input order."""
+    groups: list[list[str]] = []
+    for name, points in by.items():
+        for group in groups:
+            other = by[group[0]]
+            if [n for n, _ in other] == [n for n, _ in points] and all(
+                abs(a - b) <= tol for (_, a), (_, b) in zip(other, points)
+            ):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
 def psnr_vs_nfe(results: list[dict], path, *, title: str, learned: tuple[str, ...] = ()) -> None:
     """PSNR (dB) against NFE, one line per solver. results: eval-JSON entries (solver, nfe, psnr_db),
-    drawn at the NFE each really spent, ticks at the NFEs asked for; solvers named in `learned` bold."""
+    drawn at the NFE each really spent, ticks at the NFEs asked for; solvers named in `learned` bold.
+    Solvers with the same curve share one line, labelled "a = b"."""
     plt = _pyplot()
     by: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         if math.isfinite(r["psnr_db"]):
             by.setdefault(r["solver"], []).append((r["nfe"], r["psnr_db"]))
+    by = {name: sorted(set(points)) for name, points in by.items()}
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     top = max(db for points in by.values() for _, db in points)
     floor = min(db for points in by.values() for _, db in points)
     floor = max(floor, top - _PSNR_SPAN)  # a diverging solver must not squash everyone else
-    for name, points in by.items():
-        nfe, db = zip(*sorted(set(points)))
-        k = learned.index(name) if name in learned else -1
+    for group in _coinciding(by):
+        nfe, db = zip(*by[group[0]])
+        k = next((learned.index(n) for n in group if n in learned), -1)
         style = _LEARNED_STYLES[k % len(_LEARNED_STYLES)] if k >= 0 else _DEDICATED_STYLE
-        label = name + (" (learned)" if k >= 0 else "") + (" (partly below)" if min(db) < floor else "")
+        names = " = ".join(n + (" (learned)" if n in learned else "") for n in group)
+        label = names + (" (partly below)" if min(db) < floor else "")
         ax.plot(nfe, db, label=label, zorder=3 if k >= 0 else 2, **style)
     ax.set_ylim(floor - 2, top + 3)
     nfes = sorted({r.get("requested_nfe", r["nfe"]) for r in results})
@@ -182,22 +205,52 @@ def _scatter_panels(rows, path, *, reference, title) -> None:
     _save(fig, path)
 
 
+def _number(v: float, decimals: int) -> str:
+    """`v` with at most `decimals` decimals, trailing zeros dropped (0.125, 0.25, 1, -0.04)."""
+    text = f"{v:.{decimals}f}"
+    text = text.rstrip("0").rstrip(".") if "." in text else text
+    return "0" if text == "-0" else text
+
+
+def _decimals(m, fallback: int) -> int:
+    """Decimals to write the values of `m` with: as few as show them all exactly (up to 3), else `fallback`."""
+    for d in (0, 1, 2, 3):
+        if abs(m - m.round(d)).max() < 1e-9:
+            return d
+    return fallback
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
 def _coefficient_panel(ax, fig, m, title: str, lim: float) -> None:
-    """An [a | b] coefficient matrix (rows: steps; columns: x0, u_0..u_{n-1}), values written in."""
+    """An [a | b] coefficient matrix (rows: steps; columns: x0, u_0..u_{n-1}) on the colour scale -lim..lim,
+    values written in (in units of 10^-k when all are below 0.1); entries above the diagonal left blank."""
+    import numpy as np
+
     n = m.shape[0]
-    digits = 2 if lim >= 0.05 else 3
-    im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    scale = 0 if lim >= 0.1 else -math.floor(math.log10(lim))
+    if scale:  # small changes: written as 1.2 [×10⁻²], not 0.012
+        m, lim, title = m * 10.0**scale, lim * 10.0**scale, f"{title}  [×10{str(-scale).translate(_SUPERSCRIPT)}]"
+    decimals = _decimals(m, 1 if scale else 2)
+    shown = np.where(np.arange(n + 1)[None, :] <= np.arange(n)[:, None] + 1, m, np.nan)
+    cmap = _pyplot().get_cmap("RdBu_r").with_extremes(bad="white")
+    im = ax.imshow(shown, cmap=cmap, vmin=-lim, vmax=lim)
+    ax.axvline(0.5, color="0.3", linewidth=1.2)  # a_i (on x0) | b_ij (on the velocities)
     if n <= 10:
+        size = 8 if n <= 8 else 7
         for i in range(n):
             for j in range(i + 2):
                 dark = abs(m[i, j]) > 0.6 * lim
-                ax.text(j, i, f"{m[i, j]:.{digits}f}", ha="center", va="center", fontsize=6, color="w" if dark else "k")
-    ax.set_xticks(range(n + 1), ["x₀"] + [f"u{j}" for j in range(n)], fontsize=7)
-    ax.set_yticks(range(n), [str(i + 1) for i in range(n)], fontsize=7)
-    ax.set_xlabel("weight on")
-    ax.set_ylabel("step i+1")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                text = _number(m[i, j], decimals)
+                ax.text(j, i, text, ha="center", va="center", fontsize=size, color="w" if dark else "k")
+    ax.set_xticks(range(n + 1), ["x₀"] + [f"u{j}" for j in range(n)], fontsize=10)
+    ax.set_yticks(range(n), [str(i + 1) for i in range(n)], fontsize=10)
+    ax.set_xlabel("weight on", fontsize=11)
+    ax.set_ylabel("step i+1", fontsize=11)
+    ax.set_title(title, fontsize=12)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.ax.tick_params(labelsize=9)
 
 
 def learned_parameters(
@@ -207,30 +260,41 @@ def learned_parameters(
 
     Panel 1: the steps of the time grids (where each solver evaluates the model). Panel 2: the reference's NS
     coefficients x_(i+1) = a_i x0 + sum_j b_ij u_j ([BNS] Eq. 11). Then, per learned solver, its
-    coefficients minus the reference's: what learning moved, on one shared colour scale."""
+    coefficients minus the reference's: what learning moved, on one shared colour scale. Every colour
+    scale is symmetric about 0 and reaches the largest |value| it shows, so none saturates."""
     plt = _pyplot()
     ref_label, ref = reference[0], reference[1].to_ns(flow)
     forms = [(label, s.to_ns(flow)) for label, s in learned]
-    fig, axes = plt.subplots(1, 2 + len(forms), figsize=(4.6 + 4.3 * (1 + len(forms)), 4.3), dpi=110, squeeze=False)
-    ax = axes[0, 0]
-    for label, ns in [(ref_label, ref), *forms]:
-        h = ns.times.diff().tolist()
-        ax.plot(range(len(h)), h, marker="o", markersize=4, label=label)
-    ax.set_xlabel("step i")
-    ax.set_ylabel("hᵢ = tᵢ₊₁ − tᵢ (t: 0 = noise, 1 = data)")
-    ax.set_title("time steps between model evaluations", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2 + len(forms), figsize=(4.6 + 4.8 * (1 + len(forms)), 5.0), dpi=110, squeeze=False)
+    _steps_panel(axes[0, 0], [(ref_label, ref), *forms])
 
     def matrix(ns):
         return torch.cat([ns.a[:, None], ns.b], dim=1).numpy()
 
     base = matrix(ref)
-    _coefficient_panel(axes[0, 1], fig, base, f"{ref_label}: a_i, b_ij", float(abs(base[:, 1:]).max()) or 1.0)
+    _coefficient_panel(axes[0, 1], fig, base, f"{ref_label}: a_i | b_ij", float(abs(base).max()) or 1.0)
     deltas = [(label, matrix(ns) - base) for label, ns in forms if ns.nfe == ref.nfe]
     lim = max([float(abs(d).max()) for _, d in deltas] + [1e-6])
     for ax, (label, d) in zip(axes[0, 2:], deltas):
         _coefficient_panel(ax, fig, d, f"{label} − {ref_label}", lim)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 72 / (12 * 0.55))), fontsize=12)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _steps_panel(ax, forms) -> None:
+    """The steps h_i = t_(i+1) - t_i of each (label, NS form), in plain numbers (no offset for a uniform grid)."""
+    steps = [(label, ns.times.diff().tolist()) for label, ns in forms]
+    for label, h in steps:
+        ax.plot(range(len(h)), h, marker="o", markersize=5, label=label)
+    lo, hi = min(min(h) for _, h in steps), max(max(h) for _, h in steps)
+    if hi - lo < 0.02 * hi:  # (nearly) uniform grids: show at least +-2% around them, not rounding noise
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - 0.02 * hi, mid + 0.02 * hi)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.tick_params(labelsize=10)
+    ax.set_xlabel("step i", fontsize=11)
+    ax.set_ylabel("hᵢ = tᵢ₊₁ − tᵢ (t: 0 = noise, 1 = data)", fontsize=11)
+    ax.set_title("time steps between model evaluations", fontsize=12)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10)

@@ -7,8 +7,9 @@ Steps: (1) ground truth for evaluation (pairs 0..E-1 of seed S) and (2) for trai
 dense trajectories for Bespoke); (3) train BNS and (4) RK2-Bespoke at each --nfe; (5) evaluate every
 solver at NFE 4, 8, 16 on the evaluation pairs, exactly as `bespoke eval --gt OUT/cache/gt-eval`
 does; (6) write report.md, results.json (eval JSON), psnr_vs_nfe.png, samples.png, learned.png and
-the solver files into --out. Everything slow is cached under OUT/cache/, so a re-run (or a run killed
-half-way) redoes only what is missing.
+the solver files into --out. Everything slow is cached under OUT/cache/ (the evaluation per solver and
+NFE in OUT/cache/eval/, keyed by the model, the pairs, the solver file's bytes, the device and the
+version), so a re-run (or a run killed half-way) redoes only what is missing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,11 +27,12 @@ import torch
 
 import bespoke
 from bespoke import BespokeError, plots
+from bespoke.io import read_tensors, save_tensors
 from bespoke.solvers.files import load_solvers
 
 from . import evaluate as ev
 from .common import add_run_args, atomic_path, device, int_list, load_flow, say, write_json_atomic, write_text_atomic
-from .train import summary_line, train_file
+from .train import check_training_budget, summary_line, train_file
 
 EVAL_NFES = (4, 8, 16)
 LEARNED = {"bns": "BNS", "bespoke-rk2": "RK2-Bespoke"}
@@ -155,6 +157,113 @@ def _fd(cells, reference, flow) -> dict | None:
             if c.result is not None:
                 fd[f"{c.solver}@{c.requested}"] = bespoke.fd_digits(c.result.samples.float().cpu())
     return fd
+
+
+# --- the evaluation, cached per (solver, NFE) cell ------------------------------------------------
+
+
+def _solver_id(name: str) -> str:
+    """A built-in solver's name, or the SHA-256 of a solver file's bytes."""
+    if name in bespoke.SOLVER_NAMES:
+        return name
+    return "sha256:" + hashlib.sha256(Path(name).read_bytes()).hexdigest()
+
+
+def _gt_identity(gt) -> dict:
+    """What identifies the evaluation pairs: the GT cache's settings and the SHA-256 of the shards they come from."""
+    m, stop = gt.manifest, gt.start + len(gt)
+    shards = [e["sha256"] for e in m["shards"] if e["start"] < stop and e["stop"] > gt.start]
+    return {**{k: m[k] for k in ("seed", "rtol", "atol")}, "start": gt.start, "num": len(gt), "shards": shards}
+
+
+def _cell_key(flow, gt, solver_id: str, nfe: int, dev: str) -> dict:
+    """Everything that decides one evaluation cell: a cached cell is reused only when all of it matches."""
+    return {
+        "model": flow.name,
+        "fingerprint": flow.fingerprint,
+        "scheduler": None if flow.scheduler is None else repr(flow.scheduler),
+        "guidance": None if flow.guidance is None else flow.guidance.as_dict(),
+        "ground_truth": _gt_identity(gt),
+        "solver": solver_id,
+        "requested_nfe": nfe,
+        "device": dev,
+        "bespoke_version": bespoke.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _cell_path(where: Path, key: dict) -> Path:
+    return where / f"cell-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.safetensors"
+
+
+def _cell_fields() -> list[str]:
+    """The fields of `ev.Cell` a cache file holds: all but the solver's name, the NFE asked for and the result."""
+    return [f.name for f in fields(ev.Cell) if f.name not in ("solver", "requested", "result")]
+
+
+def _save_cell(path: Path, key: dict, cell: ev.Cell) -> None:
+    """One evaluated cell as safetensors: its samples as a tensor, the rest as JSON metadata (atomic)."""
+    r = cell.result
+    meta = {
+        "key": key,
+        "cell": {k: getattr(cell, k) for k in _cell_fields()},
+        "result": None if r is None else r.as_dict(),
+    }
+    save_tensors(path, {} if r is None else {"samples": r.samples.detach().cpu()}, meta)
+
+
+def _load_cell(path: Path, key: dict, name: str, dev: str) -> ev.Cell | None:
+    """The cell cached at `path` for `key`, as `run_eval` makes it; None when missing, stale or damaged (the
+    file's checksum covers the samples and the metadata)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta, checked = read_tensors(path, "it is recomputed")
+        if not checked or meta["key"] != key or sorted(meta["cell"]) != sorted(_cell_fields()):
+            return None
+        cell = ev.Cell(name, key["requested_nfe"], **meta["cell"])
+        if meta["result"] is not None:
+            cell.result = bespoke.EvalResult(**dict(meta["result"], solver=name), samples=tensors["samples"].to(dev))
+        return cell
+    except (BespokeError, OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError):
+        return None  # damaged, or written by another version: evaluate it again
+
+
+def _evaluation(flow, names, nfes, gt, where: Path, dev: str, args, clock: Clock):
+    """`ev.run_eval(..., keep_samples=True)` of every solver at every NFE on the pairs `gt`, reusing the cells
+    cached in `where` and caching the ones it evaluates. Returns (cells, the NFEs each solver file holds)."""
+    held = ev.file_nfes(names, flow, False)
+    ids = {name: _solver_id(name) for name in names}
+    keys = {(name, n): _cell_key(flow, gt, ids[name], n, dev) for name in names for n in nfes}
+    found = {k: _load_cell(_cell_path(where, key), key, k[0], dev) for k, key in keys.items()}
+    missing = [k for k, c in found.items() if c is None]
+    say(
+        args,
+        f"[5/5] evaluating every solver at NFE {', '.join(map(str, nfes))} on the evaluation pairs "
+        f"({len(keys) - len(missing)} of {len(keys)} cells cached) ...",
+    )
+
+    def run():
+        noise, reference = gt.noise.to(dev, torch.float64), gt.samples.to(dev)
+        cond = {k: v.to(dev) for k, v in gt.cond().items()}
+        groups: dict[tuple[int, ...], list[str]] = {}  # solvers by the NFEs they miss: one run_eval each
+        for name in names:
+            todo = tuple(n for n in nfes if (name, n) in missing)
+            if todo:
+                groups.setdefault(todo, []).append(name)
+        for todo, group in groups.items():
+            cells, _ = ev.run_eval(
+                flow, group, list(todo), noise, reference, cond, quiet=args.quiet, keep_samples=True, files=held
+            )
+            for c in cells:
+                found[c.solver, c.requested] = c
+                _save_cell(_cell_path(where, keys[c.solver, c.requested]), keys[c.solver, c.requested], c)
+
+    if missing:
+        clock.run("evaluation", run)
+    else:
+        clock.cached("evaluation")
+    return [found[name, n] for name in names for n in nfes], held
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -291,11 +400,12 @@ def cmd_demo(args) -> int:
     profile = PROFILES["fast" if args.fast else "default"]
     out = Path(args.out)
     cache = out / "cache"
+    flow = load_flow(args)
+    check_training_budget(flow, args.nfe, max(profile.val, bespoke.FitConfig().batch_size), dev)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BespokeError(f"cannot create --out {out}: {e.strerror or e}") from None
-    flow = load_flow(args)
     clock = Clock()
     gt_common = dict(shard_size=profile.shard, device=dev, quiet=args.quiet)
 
@@ -324,16 +434,11 @@ def cmd_demo(args) -> int:
         files[kind] = out / f"{kind}.safetensors"
         _publish(stored, files[kind])
 
-    say(args, "[5/5] evaluating every solver at NFE 4, 8, 16 on the evaluation pairs ...")
     nfes = sorted(set(EVAL_NFES) | set(args.nfe))
     names = list(bespoke.SOLVER_NAMES) + [str(f) for f in files.values()]
     noise = gt_eval.noise.to(dev, torch.float64)
     reference = gt_eval.samples.to(dev)
-    cond = {k: v.to(dev) for k, v in gt_eval.cond().items()}
-    cells, held = clock.run(
-        "evaluation",
-        lambda: ev.run_eval(flow, names, nfes, noise, reference, cond, quiet=args.quiet, keep_samples=True),
-    )
+    cells, held = _evaluation(flow, names, nfes, gt_eval, cache / "eval", dev, args, clock)
     short = {str(f): kind for kind, f in files.items()}
     for c in cells:
         c.solver = short.get(c.solver, c.solver)
