@@ -97,7 +97,8 @@ def _edit_scheduler(folder, tmp_path, **changes):
     "change, words",
     [
         ({"prediction_type": "banana"}, ["prediction_type 'banana'", "epsilon, v_prediction, sample"]),
-        ({"rescale_betas_zero_snr": True}, ["zero terminal SNR", "not supported"]),
+        ({"rescale_betas_zero_snr": True}, ["zero terminal SNR", "not supported", "rescale_betas_zero_snr = true"]),
+        ({"trained_betas": [1e-4] * 999 + [1.0]}, ["zero terminal SNR", "not supported", "from its betas"]),
         ({"beta_schedule": "nosuch"}, ["cannot build the training schedule"]),
     ],
 )
@@ -313,7 +314,51 @@ def test_scheduler_checks_of_the_diffusers_common_suite(folders, tmp_path):
     vp.save_pretrained(tmp_path / "vp")
     again = BespokeScheduler.from_pretrained(tmp_path / "vp")
     assert again.config.trained_betas == vp.config.trained_betas and len(again.config.trained_betas) == 1000
+    assert again.betas.tolist() == vp.betas.tolist()  # diffusers' test_trained_betas
     ddpm = diffusers.DDPMScheduler.from_pretrained(tmp_path / "vp")  # a compatible scheduler reads the same model
     ours = vp._schedule.scheduler.alphas_cumprod
     assert ours.numel() == 1000
     torch.testing.assert_close(ddpm.alphas_cumprod.double(), ours)
+
+
+def test_scheduler_exposes_the_ddpm_tables_that_pipelines_and_training_utils_read(folders):
+    """betas, alphas, alphas_cumprod as DDPMScheduler has them (compute_snr reads them); a flow-matching
+    BespokeScheduler has none, like FlowMatchEulerDiscreteScheduler."""
+    from diffusers.training_utils import compute_snr
+
+    _, scheduler = _scheduler(folders["ddpm"])
+    ddpm = diffusers.DDPMScheduler.from_pretrained(f"{folders['ddpm']}/scheduler")
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        got, want = getattr(scheduler, name), getattr(ddpm, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(compute_snr(scheduler, t), compute_snr(ddpm, t))
+    _, flow_scheduler = _scheduler(folders["flow"])
+    assert not hasattr(flow_scheduler, "alphas_cumprod")
+
+
+def test_starting_mid_schedule_is_refused_with_the_reason(folders):
+    """img2img/inpainting with strength < 1 call set_begin_index(k > 0); a bespoke solver runs whole."""
+    _, scheduler = _scheduler(folders["ddpm"])
+    scheduler.set_timesteps(6)
+    scheduler.set_begin_index(0)
+    with pytest.raises(BespokeError, match=r"cannot start at step 2: .*strength=1\.0"):
+        scheduler.set_begin_index(2)
+
+
+def test_add_noise_reads_its_tables_on_the_cpu_whatever_the_samples_device(folders, monkeypatch):
+    """The schedule's tables are CPU tensors; samples on another device (here `meta`, as a stand-in for CUDA)
+    get the coefficients moved to them, never the timesteps moved away from the tables."""
+    _, scheduler = _scheduler(folders["ddpm"])
+    path = scheduler._schedule.scheduler
+    seen = []
+    real_alpha = type(path).alpha
+    monkeypatch.setattr(type(path), "alpha", lambda self, t: seen.append(t.device.type) or real_alpha(self, t))
+    x = torch.empty(3, 1, 8, 8, device="meta")
+    out = scheduler.add_noise(x, torch.empty_like(x), torch.tensor([0, 500, 999]))
+    assert out.device.type == "meta" and out.shape == x.shape and seen == ["cpu"]
+    if torch.cuda.is_available():
+        x = torch.randn(3, 1, 8, 8)
+        t = torch.tensor([0, 500, 999])
+        on_gpu = scheduler.add_noise(x.cuda(), x.cuda(), t.cuda()).cpu()
+        torch.testing.assert_close(on_gpu, scheduler.add_noise(x, x, t))

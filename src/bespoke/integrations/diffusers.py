@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ..errors import BespokeError
 from ..paths import VPDiscrete
 from ..solvers.common import lincomb
-from .diffusers_config import DIFFUSERS_PREDICTIONS, DiffusersSchedule, schedule_from_config
+from .diffusers_config import DIFFUSERS_PREDICTIONS, DiffusersSchedule, ddpm_tables, schedule_from_config
 
 __all__ = ["BespokeScheduler"]
 
@@ -63,6 +63,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         model: dict | None = None,
     ):
         self._schedule: DiffusersSchedule = schedule_from_config(dict(self.config), "BespokeScheduler")
+        if isinstance(self._schedule.scheduler, VPDiscrete):  # what DDPM-type schedulers expose (compute_snr, ...)
+            tables = ddpm_tables(dict(self.config), "BespokeScheduler")
+            self.betas, self.alphas, self.alphas_cumprod = tables["betas"], tables["alphas"], tables["alphas_cumprod"]
         self._solvers = {int(k): _ns_arrays(k, v) for k, v in (solvers or {}).items()}
         self.init_noise_sigma = 1.0
         self.timesteps = torch.zeros(0)
@@ -118,6 +121,14 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
+        """Only 0: a bespoke solver runs whole, from the noise (its steps combine x_0 and every earlier velocity),
+        so starting mid-schedule, as img2img and inpainting with strength < 1 do, is refused."""
+        if begin_index != 0:
+            raise BespokeError(
+                f"BespokeScheduler cannot start at step {begin_index}: its solvers run from the noise to the data "
+                "(each step combines the initial noise and every earlier velocity), so img2img/inpainting with "
+                "strength < 1 is not supported; use strength=1.0, or a diffusers scheduler for partial denoising"
+            )
         self._begin_index = begin_index
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None, **kwargs):
@@ -158,10 +169,11 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
         """x_t = alpha_t x_data + sigma_t noise at the model's `timesteps` (img2img)."""
-        t = self._canonical(timesteps).to(original_samples.device)
+        t = self._canonical(timesteps)  # the schedule's tables live on the CPU: index them there, then move
         shape = (-1,) + (1,) * (original_samples.dim() - 1)
-        alpha = self._schedule.scheduler.alpha(t).to(original_samples.dtype).reshape(shape)
-        sigma = self._schedule.scheduler.sigma(t).to(original_samples.dtype).reshape(shape)
+        like = dict(device=original_samples.device, dtype=original_samples.dtype)
+        alpha = self._schedule.scheduler.alpha(t).to(**like).reshape(shape)
+        sigma = self._schedule.scheduler.sigma(t).to(**like).reshape(shape)
         return alpha * original_samples + sigma * noise
 
     def __len__(self) -> int:

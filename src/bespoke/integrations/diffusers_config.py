@@ -97,8 +97,8 @@ def _note_ignored(config: dict, where: str) -> None:
         )
 
 
-def _alphas_cumprod(config: dict, where: str) -> torch.Tensor:
-    """alphas_cumprod exactly as diffusers' DDPMScheduler computes it from this config."""
+def ddpm_tables(config: dict, where: str = "scheduler config") -> dict[str, torch.Tensor]:
+    """betas, alphas and alphas_cumprod (float32) exactly as diffusers' DDPMScheduler computes them from this config."""
     from diffusers import DDPMScheduler
 
     accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
@@ -106,11 +106,18 @@ def _alphas_cumprod(config: dict, where: str) -> torch.Tensor:
         ddpm = DDPMScheduler(**{k: v for k, v in config.items() if k in accepted})
     except (ValueError, NotImplementedError, TypeError) as e:
         raise BespokeError(f"{where}: diffusers cannot build the training schedule from this config: {e}") from None
-    ac = ddpm.alphas_cumprod.to(torch.float64)
+    return {"betas": ddpm.betas, "alphas": ddpm.alphas, "alphas_cumprod": ddpm.alphas_cumprod}
+
+
+def _alphas_cumprod(config: dict, where: str) -> torch.Tensor:
+    """alphas_cumprod exactly as diffusers' DDPMScheduler computes it from this config, in float64."""
+    ac = ddpm_tables(config, where)["alphas_cumprod"].to(torch.float64)
     if not bool(ac[-1] > 0):
+        cause = "rescale_betas_zero_snr = true" if config.get("rescale_betas_zero_snr") else "its betas"
         raise BespokeError(
-            f"{where}: rescale_betas_zero_snr / a zero terminal SNR is not supported: the ODE starts at infinite "
-            "noise there; use a model trained with a positive final alphas_cumprod"
+            f"{where}: the schedule reaches zero terminal SNR (alphas_cumprod = 0 at the last timestep, from {cause}), "
+            "which is not supported: the ODE would start at infinite noise; use a model trained with a positive "
+            "final alphas_cumprod"
         )
     return ac
 
