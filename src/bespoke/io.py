@@ -93,12 +93,17 @@ def load_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], object]
     return read_tensors(path, fix)[:2]
 
 
+def _raw_bytes(v: torch.Tensor) -> bytes:
+    """The tensor's data as stored (row-major, native byte order), any dtype (bfloat16 included)."""
+    return v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
     """Feed names, dtypes, shapes and bytes of `tensors` (in name order) to the hash `h`."""
     for k in sorted(tensors):
-        v = tensors[k].detach().to("cpu").contiguous()
+        v = tensors[k]
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_raw_bytes(v))
 
 
 def _checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -156,10 +161,9 @@ class StreamedTensors:
         shape, dtype = self.layout[name]
         if rows.dtype != dtype or tuple(rows.shape[1:]) != tuple(shape[1:]) or start + rows.shape[0] > shape[0]:
             raise BespokeError(f"rows {tuple(rows.shape)} {rows.dtype} at {start} do not fit {name} {shape} {dtype}")
-        data = rows.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        row = len(data) // max(rows.shape[0], 1)
+        row = math.prod(shape[1:]) * rows.element_size()
         self._file.seek(self._head + self._offsets[name] + start * row)
-        self._file.write(data)
+        self._file.write(_raw_bytes(rows))
 
     def __exit__(self, kind, error, trace):
         self._file.close()

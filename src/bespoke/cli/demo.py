@@ -28,7 +28,7 @@ import torch
 import bespoke
 from bespoke import BespokeError, plots
 from bespoke.io import read_tensors, save_tensors
-from bespoke.solvers.files import load_solvers
+from bespoke.solvers.files import load_solvers, model_record
 
 from . import evaluate as ev
 from .common import add_run_args, atomic_path, device, int_list, load_flow, say, write_json_atomic, write_text_atomic
@@ -179,10 +179,7 @@ def _gt_identity(gt) -> dict:
 def _cell_key(flow, gt, solver_id: str, nfe: int, dev: str) -> dict:
     """Everything that decides one evaluation cell: a cached cell is reused only when all of it matches."""
     return {
-        "model": flow.name,
-        "fingerprint": flow.fingerprint,
-        "scheduler": None if flow.scheduler is None else repr(flow.scheduler),
-        "guidance": None if flow.guidance is None else flow.guidance.as_dict(),
+        "model": model_record(flow),  # name, fingerprint, path, guidance: what a solver file records of it
         "ground_truth": _gt_identity(gt),
         "solver": solver_id,
         "requested_nfe": nfe,

@@ -85,16 +85,11 @@ def pick_solver(name: str, nfe: int | None, flow, force: bool):
     return bespoke.solver(name, nfe)
 
 
-def _solver_history(solver) -> bool:
-    """Whether the solver keeps all its velocities (learned solvers run in NS form) or a few states."""
-    return isinstance(solver, Learned)
-
-
 def _check_budget(args, flow, solver, num: int, dev: str) -> None:
     """Refuse, before any work, a batch whose solve cannot fit in memory or an --out that cannot fit on disk."""
     numel = math.prod(flow.sample_shape)
     batch = min(args.batch_size, num)
-    need = budget.solve_bytes(solver.nfe, batch, numel, history=_solver_history(solver))
+    need = budget.solve_bytes(solver.nfe, batch, numel, history=isinstance(solver, Learned))  # NS form: all u_j
     what = f"sampling at NFE {solver.nfe} in batches of {batch}"
     budget.require(need, what=what, fix="lower --batch-size (or --nfe)", device=dev)
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
