@@ -201,7 +201,11 @@ class Flow:
     noise_scale:  the state at t = 0 is noise_scale * N(0, I): 1 for normalised paths, sigma_max for
                   EDM/VE-coordinate models (k-diffusion's `randn * sigmas[0]`); GT caches and the CLI
                   draw their initial states this way (`initial_state`)
-    num_classes:  number of class labels of a class-conditional model (None otherwise)
+    num_classes:  number of class labels of a class-conditional model (None otherwise); for a text-to-image
+                  model loaded with a prompt set, the number of prompts (its `labels` index the set)
+    prompts:      that prompt set (`bespoke.prompts.Prompts`), None for other models
+    decode:       latents -> pictures in the data range, for a latent model (its VAE); None when the samples are
+                  the pictures
     info:         what the model source knows of it (recipe, training time, ...), JSON-able
     """
 
@@ -221,6 +225,8 @@ class Flow:
         num_classes: int | None = None,
         info: dict | None = None,
         noise_scale: float = 1.0,
+        prompts=None,
+        decode: Callable | None = None,
     ):
         if not 0.0 < ode_end <= 1.0:
             raise BespokeError(f"ode_end must lie in (0, 1], got {ode_end}")
@@ -237,6 +243,8 @@ class Flow:
         self.num_classes = num_classes
         self.info = dict(info or {})
         self.noise_scale = float(noise_scale)
+        self.prompts = prompts
+        self.decode = decode
         self.nfe = 0
 
     def __repr__(self):
@@ -257,6 +265,8 @@ class Flow:
             num_classes=self.num_classes,
             info=self.info,
             noise_scale=self.noise_scale,
+            prompts=self.prompts,
+            decode=self.decode,
         )
         return Flow(velocity, **{**facts, **changes})
 
@@ -301,9 +311,12 @@ class Flow:
             if not 0.0 <= tt <= 1.0:
                 why = "outside the time range [0, 1]"
             elif tt >= self.ode_end:
-                error, why = SingularEnd, (
-                    "at the data end, where VP-type paths are singular: use a solver that does not "
-                    "evaluate there, e.g. ddim, dpm++2m, unipc or edm-heun"
+                error, why = (
+                    SingularEnd,
+                    (
+                        "at the data end, where VP-type paths are singular: use a solver that does not "
+                        "evaluate there, e.g. ddim, dpm++2m, unipc or edm-heun"
+                    ),
                 )
             raise error(f"{self.name} returned a non-finite velocity at t = {tt:.6g}: {why}")
         return u

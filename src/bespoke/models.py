@@ -31,25 +31,40 @@ SPEC_FORMS = "zoo:NAME, diffusers:DIR, python:FILE.py:FUNC or MODULE:FUNC"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-def load_model(spec: str, *, path: str | Scheduler | None = None, guidance="default") -> Flow:
+def load_model(
+    spec: str,
+    *,
+    path: str | Scheduler | None = None,
+    guidance="default",
+    prompts=None,
+    negative_prompt: str | None = None,
+) -> Flow:
     """A Flow from a model spec.
 
     path:     the Gaussian path of the analytic models (condot by default, cosine, vp, vp-discrete,
               ve, edm, or a Scheduler); trained models keep the path they were trained on.
     guidance: "default" (the model's own default: none for the mixtures), None (no guidance),
-              a weight in the fm convention (1+w) cond - w uncond, or a bespoke.Guidance.
+              a weight in the fm convention (1+w) cond - w uncond, or a bespoke.Guidance; for a
+              text-to-image pipeline, a weight W in diffusers' convention uncond + W (cond - uncond).
+    prompts:  the prompt set of a text-to-image model (a list of strings, a prompt file or a
+              `bespoke.prompts.Prompts`); its `labels` are then indices into it. negative_prompt:
+              the null condition of guidance ("" by default, as in diffusers).
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise BespokeError(f"model spec must look like {SPEC_FORMS}; got {spec!r}")
     kind, _, rest = spec.partition(":")
+    given = prompts is not None or negative_prompt is not None
+    text = {"prompts": prompts, "negative_prompt": negative_prompt} if given else {}
     if kind == "zoo":
-        return zoo_model(rest, path=path, guidance=guidance)
+        return zoo_model(rest, path=path, guidance=guidance, **text)
     if path is not None:
         raise BespokeError(f"{spec}: a path only applies to the analytic zoo models; this model has its own")
     if kind == "diffusers":
         from .integrations.diffusers_model import load_diffusers
 
-        return load_diffusers(rest, spec=spec, guidance=guidance)
+        return load_diffusers(rest, spec=spec, guidance=guidance, **text)
+    if text:
+        raise BespokeError(f"{spec}: prompts were given, but only text-to-image pipelines (diffusers:DIR) take them")
     if kind == "python":
         source, _, func = rest.rpartition(":")
         factory = _from_file(spec, Path(source), func)

@@ -109,6 +109,24 @@ def _image(x: torch.Tensor, data_range: float):
     return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
 
 
+def pictures(flow, samples: torch.Tensor) -> torch.Tensor:
+    """What to draw of `samples`: a latent model's decoded pictures (its VAE), else the samples themselves."""
+    decode = getattr(flow, "decode", None)
+    return samples if decode is None else decode(samples.float())
+
+
+def captions(flow, labels) -> list[str]:
+    """A caption per sample: its prompt (text-to-image models) or its class label."""
+    prompts = getattr(flow, "prompts", None)
+    if prompts is None:
+        return [f"label {int(k)}" for k in labels]
+    return [_shorten(prompts.texts[int(k)]) for k in labels]
+
+
+def _shorten(text: str, width: int = 18) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, columns: int = 8, captions=None) -> None:
     """Samples as a grid of pictures, each with its caption if given (or, for 2-D samples, a scatter plot)."""
     plt = _pyplot()
@@ -140,23 +158,32 @@ def image_grid(samples: torch.Tensor, path, *, data_range: float, title: str, co
 
 
 def sample_grid(
-    rows: list[tuple[str, torch.Tensor]], path, *, reference: torch.Tensor, data_range: float, title: str
+    rows: list[tuple[str, torch.Tensor]],
+    path,
+    *,
+    reference: torch.Tensor,
+    data_range: float,
+    title: str,
+    decode=None,
 ) -> None:
     """The `reference` row (ground truth), then per solver (label, samples (n, *shape)) its samples
     captioned with their PSNR against the reference and, under them, its error |x - reference| on
     one colour scale shared by all solvers; all from the same noise.
-    2-D samples are drawn as scatter panels instead, one per solver."""
+    2-D samples are drawn as scatter panels instead, one per solver. A latent model's samples are drawn
+    through `decode` (its VAE) and their errors are in pixels, while the PSNR captions stay on latents."""
     plt = _pyplot()
     shape = tuple(reference.shape[1:])
-    if not is_image(shape):
+    if not is_image(shape) and decode is None:
         return _scatter_panels(rows, path, reference=reference, title=title)
     n = reference.shape[0]
-    ref = reference.detach().cpu().double()
-    errors = [(x.detach().cpu().double() - ref).abs().mean(1) for _, x in rows]  # (n, H, W), mean over channels
+    draw = (lambda x: x.detach().cpu().double()) if decode is None else (lambda x: decode(x).double())
+    ref = draw(reference)
+    drawn = [draw(x) for _, x in rows]
+    errors = [(x - ref).abs().mean(1) for x in drawn]  # (n, H, W), mean over channels
     top = max(float(e.max()) for e in errors) or 1.0
     grid = [("ground truth (dopri5)", "image", ref, None)]
-    for (label, x), err in zip(rows, errors):
-        grid.append((label, "image", x.detach().cpu().double(), psnr(x.to(ref.dtype), reference, data_range, "none")))
+    for (label, x), pic, err in zip(rows, drawn, errors):
+        grid.append((label, "image", pic, psnr(x.to(reference.dtype), reference, data_range, "none")))
         grid.append((f"|error| ({label.split(' ')[0]})", "error", err, None))
     fig, axes = plt.subplots(len(grid), n, figsize=(1.1 * n + 1.9, 1.3 * len(grid) + 0.6), dpi=110, squeeze=False)
     for i, (label, kind, x, scores) in enumerate(grid):
@@ -172,9 +199,11 @@ def sample_grid(
                 ax.set_xlabel(f"{float(scores[j]):.1f} dB", fontsize=8)
         axes[i, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
     fig.subplots_adjust(left=0.17, right=0.9, top=0.9, bottom=0.03, wspace=0.08, hspace=0.35)
-    fig.colorbar(im, cax=fig.add_axes((0.92, 0.25, 0.012, 0.45)), label="|error| (data units)")
+    unit = "data units" if decode is None else "pixels"
+    fig.colorbar(im, cax=fig.add_axes((0.92, 0.25, 0.012, 0.45)), label=f"|error| ({unit})")
+    on = "" if decode is None else " (on latents; pictures decoded by the VAE)"
     fig.suptitle(
-        f"{title}\nsame noise in every column; caption: PSNR against ground truth; error rows share one scale",
+        f"{title}\nsame noise in every column; caption: PSNR against ground truth{on}; error rows share one scale",
         fontsize=10,
     )
     _save(fig, path)

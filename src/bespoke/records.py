@@ -48,6 +48,17 @@ def is_guidance(value) -> bool:
     )
 
 
+def is_prompts(value) -> bool:
+    """null, or a prompt set's record (Prompts.record): its sha256, prompts and negative prompt."""
+    return value is None or (
+        isinstance(value, dict)
+        and is_str(value.get("sha256"))
+        and isinstance(value.get("prompts"), list)
+        and all(is_str(p) for p in value["prompts"])
+        and is_str(value.get("negative"))
+    )
+
+
 def fields_problem(record: dict, fields, where: str = "") -> str | None:
     """The first field of `record` that is missing or fails its check, as text (None if all pass); the
     defaults of absent fields that have one are filled in. fields: (key, check, what it must be, default)."""

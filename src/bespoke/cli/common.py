@@ -21,6 +21,7 @@ from bespoke.io import atomic_path
 from bespoke.models import SPEC_FORMS
 from bespoke.noise import draw_labels
 from bespoke.paths import SCHEDULERS
+from bespoke.prompts import read_prompts
 
 # --- argument parsing ----------------------------------------------------------------------------
 
@@ -110,7 +111,20 @@ def add_model_args(p, *, labels: bool = True) -> None:
         type=finite_float,
         default=None,
         metavar="W",
-        help="classifier-free guidance weight, fm convention (1+w)*cond - w*uncond (default: the model's own)",
+        help="classifier-free guidance weight: fm convention (1+W)*cond - W*uncond for zoo/python models, "
+        "diffusers' uncond + W*(cond - uncond) for text-to-image pipelines (default: the model's own)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="prompt set of a text-to-image model: one prompt per line (or .json list, .csv with a 'prompt' column)",
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        metavar="TEXT",
+        help="negative prompt, the null condition of guidance (default: the empty prompt, as diffusers)",
     )
     p.add_argument(
         "--autocast",
@@ -162,10 +176,21 @@ def device(name: str) -> str:
 
 
 def load_flow(args):
-    """The model of --model, with --path and --guidance applied; it must declare its sample shape."""
+    """The model of --model, with --path, --guidance and --prompts applied; it must declare its sample shape."""
+    prompts = getattr(args, "prompts", None)
+    negative = getattr(args, "negative_prompt", None)
+    if prompts is not None:
+        prompts = read_prompts(prompts, negative=negative)
+    elif negative is not None:
+        raise BespokeError("--negative-prompt goes with --prompts FILE (the prompts it is the null condition of)")
     flow = bespoke.load_model(
-        args.model, path=args.path, guidance="default" if args.guidance is None else args.guidance
+        args.model,
+        path=args.path,
+        guidance="default" if args.guidance is None else args.guidance,
+        prompts=prompts,
     )
+    if "pipeline" in flow.info and flow.prompts is None:
+        raise BespokeError(f"{args.model} is a text-to-image model: give its prompts with --prompts FILE")
     if flow.sample_shape is None:
         raise BespokeError(f"{args.model} does not declare its sample shape, so noise cannot be drawn for it")
     return autocast_flow(flow, args.autocast) if getattr(args, "autocast", None) else flow
@@ -175,8 +200,11 @@ def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None
     """The `labels` keyword for `num` samples from `start`, and how to describe it (None when unconditional).
 
     Without --labels a model runs unconditionally, unless it samples with guidance, which needs
-    labels: then they are drawn from --seed (as GT caches draw them)."""
+    labels: then they are drawn from --seed (as GT caches draw them). A text-to-image model's labels
+    index its prompts (--labels K: prompt K for every sample; default random)."""
     choice = getattr(args, "labels", None)
+    if choice is None and flow.prompts is not None:
+        choice = "random"
     if choice is None:
         if flow.guidance is None:
             return {}, None
@@ -192,10 +220,13 @@ def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None
     if choice == "random":
         if n is None:
             raise BespokeError(f"--labels random: {args.model} does not say how many classes it has; pass --labels K")
-        return {"labels": draw_labels(num, n, args.seed, start=start)}, f"random 0..{n - 1}"
+        what = f"prompts drawn from {flow.prompts.describe()}" if flow.prompts else f"random 0..{n - 1}"
+        return {"labels": draw_labels(num, n, args.seed, start=start)}, what
     if n is not None and choice >= n:
-        raise BespokeError(f"--labels {choice}: {args.model} has classes 0..{n - 1}")
-    return {"labels": torch.full((num,), choice, dtype=torch.long)}, str(choice)
+        have = f"prompts 0..{n - 1} (--prompts)" if flow.prompts else f"classes 0..{n - 1}"
+        raise BespokeError(f"--labels {choice}: {args.model} has {have}")
+    what = f"prompt {choice}: {flow.prompts.texts[choice]!r}" if flow.prompts else str(choice)
+    return {"labels": torch.full((num,), choice, dtype=torch.long)}, what
 
 
 def solver_names(text: str) -> list[str]:

@@ -31,7 +31,17 @@ from bespoke.io import read_tensors, save_tensors
 from bespoke.solvers.files import load_solvers, model_record
 
 from . import evaluate as ev
-from .common import add_run_args, atomic_path, device, int_list, load_flow, say, write_json_atomic, write_text_atomic
+from .common import (
+    add_run_args,
+    atomic_path,
+    device,
+    finite_float,
+    int_list,
+    load_flow,
+    say,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .train import check_training_budget, summary_line, train_file
 
 EVAL_NFES = (4, 8, 16)
@@ -68,8 +78,19 @@ def register(sub) -> None:
     p.add_argument("--nfe", type=int_list, default=[8], metavar="N,N,...", help="NFEs to learn solvers for (default 8)")
     p.add_argument("--out", default="bespoke-demo", metavar="DIR", help="output directory (default ./bespoke-demo)")
     p.add_argument("--fast", action="store_true", help="fewer pairs and iterations: a 2-minute run")
+    p.add_argument(
+        "--prompts", default=None, metavar="FILE", help="prompt set of a text-to-image model (one prompt per line)"
+    )
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt (default: empty)")
+    p.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        metavar="W",
+        help="guidance weight (the model's convention, see `bespoke train --help`; default: the model's own)",
+    )
     add_run_args(p)
-    p.set_defaults(func=cmd_demo, path=None, guidance=None, labels=None)
+    p.set_defaults(func=cmd_demo, path=None, labels=None)
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -375,6 +396,7 @@ def _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, ou
         reference=reference[:k],
         data_range=flow.data_range,
         title=f"{args.model} at NFE {main_nfe}",
+        decode=flow.decode,
     )
     plots.learned_parameters(
         (best, bespoke.solver(best, main_nfe)),

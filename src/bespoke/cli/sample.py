@@ -151,14 +151,14 @@ def cmd_sample(args) -> int:
             bar.update(b - a)
     say(args, f"wrote {args.out}")
     if args.grid is not None:
-        from bespoke.plots import image_grid
+        from bespoke.plots import captions, image_grid, pictures
 
         image_grid(
-            torch.cat(shown),
+            pictures(flow, torch.cat(shown)),
             args.grid,
             data_range=flow.data_range,
             title=f"{flow.name}: {args.solver}, NFE {solver.nfe} ({source})",
-            captions=[f"label {k}" for k in shown_labels] if "labels" in layout else None,
+            captions=captions(flow, shown_labels) if "labels" in layout else None,
         )
         say(args, f"wrote {args.grid}")
     print(

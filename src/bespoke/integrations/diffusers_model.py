@@ -5,6 +5,11 @@ plus `scheduler/` (whose config defines the training schedule), as a full pipeli
 `model_index.json` has them. The network is read as its scheduler config says (`diffusers_config`);
 class labels reach it as `class_labels` (our `labels`), text conditioning as `encoder_hidden_states`
 (and `pooled_projections`), passed through from Python.
+
+A text-to-image pipeline folder (its model_index.json names text encoders) is read whole, text encoders
+and VAE included (`diffusers_pipeline`): loaded with a prompt set, the model takes `labels` = prompt
+indices, guidance is the pipeline's (uncond + W (cond - uncond), null = the negative prompt), and
+`flow.decode` turns latents into pictures through the VAE.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from pathlib import Path
 import torch
 
 from ..errors import BespokeError
-from ..flows import Flow, from_network
+from ..flows import Flow, Guidance, from_network
+from ..prompts import Prompts, as_prompts
 from .diffusers_config import DiffusersSchedule, schedule_from_config
+from .diffusers_pipeline import is_text_pipeline, latent_decoder, load_text_pipeline, pipeline_fingerprint
 
 __all__ = ["load_diffusers", "DiffusersNetwork"]
 
@@ -32,25 +39,34 @@ class DiffusersNetwork(torch.nn.Module):
     its variance (out_channels = 2 x in_channels, `learned_range`) gives its first half, the mean.
     """
 
-    def __init__(self, model, *, sign: float, sample_arg: str, rename: dict[str, str], required: tuple[str, ...]):
+    def __init__(
+        self, model, *, sign: float, sample_arg: str, rename: dict[str, str], required: tuple[str, ...], prompts=None
+    ):
         super().__init__()
         self.model = model
         self.sign, self.sample_arg, self.rename, self.required = sign, sample_arg, rename, required
+        self.prompts = prompts  # a PromptTable: `labels` are prompt indices
 
     def forward(self, x, timestep, **cond):
+        if timestep.dim() == 0:
+            timestep = timestep.expand(x.shape[0])
+        if self.prompts is not None:
+            kwargs = self.prompts(cond["labels"])
+        else:
+            kwargs = self._passed_through(cond)
+        out = self.model(**{self.sample_arg: x}, timestep=timestep, **kwargs, return_dict=False)[0]
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]
+        return self.sign * out
+
+    def _passed_through(self, cond: dict) -> dict:
         missing = [k for k in self.required if k not in cond]
         if missing:
             raise BespokeError(
                 f"this diffusers model needs {', '.join(missing)} (e.g. text embeddings) at every call; pass them as "
                 "keywords from Python (solver.sample(flow, noise, encoder_hidden_states=...))"
             )
-        if timestep.dim() == 0:
-            timestep = timestep.expand(x.shape[0])
-        kwargs = {self.rename.get(k, k): v for k, v in cond.items()}
-        out = self.model(**{self.sample_arg: x}, timestep=timestep, **kwargs, return_dict=False)[0]
-        if out.shape[1] == 2 * x.shape[1]:
-            out = out[:, : x.shape[1]]
-        return self.sign * out
+        return {self.rename.get(k, k): v for k, v in cond.items()}
 
 
 def _read_json(path: Path, spec: str) -> dict:
@@ -109,23 +125,28 @@ def _conditioning(model) -> tuple[dict[str, str], tuple[str, ...], int | None]:
     return rename, tuple(required), int(classes) if "labels" in rename else None
 
 
-def load_diffusers(directory, *, spec: str | None = None, guidance="default") -> Flow:
-    """The model in a diffusers folder as a Flow (see the module docstring for the layout)."""
+def load_diffusers(
+    directory, *, spec: str | None = None, guidance="default", prompts=None, negative_prompt: str | None = None
+) -> Flow:
+    """The model in a diffusers folder as a Flow (see the module docstring for the layout).
+
+    prompts: for a text-to-image pipeline folder, the prompt set (a `Prompts`, a list of strings or a
+    prompt file) its `labels` index; guidance: a weight W in the pipeline's convention."""
     root = Path(directory)
     spec = spec or f"diffusers:{directory}"
+    index = _read_json(root / "model_index.json", spec) if (root / "model_index.json").is_file() else None
+    if is_text_pipeline(index):
+        prompts = None if prompts is None else as_prompts(prompts, negative_prompt)
+        return _text_pipeline_flow(root, index, spec, guidance, prompts)
+    if prompts is not None or negative_prompt is not None:
+        raise BespokeError(f"{spec}: prompts were given, but this model takes no text (no text encoder in the folder)")
     if guidance not in ("default", None):
         raise BespokeError(
             f"{spec}: guidance needs the model's null condition, which a diffusers folder does not declare; build the "
             "flow in Python with bespoke.from_network(..., guidance=bespoke.Guidance(w, 'diffusers', null=...))"
         )
     folder = _network_folder(root, spec)
-    scheduler_config = root / "scheduler" / "scheduler_config.json"
-    if not scheduler_config.is_file():
-        raise BespokeError(
-            f"{spec}: {root} has no scheduler/scheduler_config.json, which defines the training schedule"
-        )
-    config = _read_json(scheduler_config, spec)
-    schedule: DiffusersSchedule = schedule_from_config(config, spec)
+    config, schedule = _schedule(root, spec)
     model = _load_network(folder, spec)
     rename, required, num_classes = _conditioning(model)
     sample_arg = next(iter(inspect.signature(model.forward).parameters))
@@ -140,10 +161,73 @@ def load_diffusers(directory, *, spec: str | None = None, guidance="default") ->
         name=spec,
         ode_end=schedule.ode_end,
         num_classes=num_classes,
-        info={
-            "source": "diffusers",
-            "model_class": type(model).__name__,
-            "schedule": schedule.config,
-            "scheduler_config": config,
-        },
+        info=_info(model, schedule, config),
     )
+
+
+def _schedule(root: Path, spec: str) -> tuple[dict, DiffusersSchedule]:
+    scheduler_config = root / "scheduler" / "scheduler_config.json"
+    if not scheduler_config.is_file():
+        raise BespokeError(
+            f"{spec}: {root} has no scheduler/scheduler_config.json, which defines the training schedule"
+        )
+    config = _read_json(scheduler_config, spec)
+    return config, schedule_from_config(config, spec)
+
+
+def _info(model, schedule: DiffusersSchedule, config: dict, **more) -> dict:
+    return {
+        "source": "diffusers",
+        "model_class": type(model).__name__,
+        "schedule": schedule.config,
+        "scheduler_config": config,
+        **more,
+    }
+
+
+def _pipeline_guidance(guidance, prompts: Prompts | None, spec: str) -> Guidance | None:
+    """The pipeline's guidance: uncond + W (cond - uncond), the null condition = the negative prompt."""
+    if guidance in ("default", None):
+        return None
+    if prompts is None:
+        raise BespokeError(f"{spec}: guidance needs the prompts (the negative prompt is its null condition)")
+    if isinstance(guidance, Guidance):
+        return guidance
+    return Guidance(float(guidance), "diffusers", null={"labels": len(prompts)})
+
+
+def _text_pipeline_flow(root: Path, index: dict, spec: str, guidance, prompts: Prompts | None) -> Flow:
+    config, schedule = _schedule(root, spec)
+    guide = _pipeline_guidance(guidance, prompts, spec)
+    pipe, denoiser_name, table = load_text_pipeline(root, index, spec, prompts)
+    model = getattr(pipe, denoiser_name)
+    sample_arg = next(iter(inspect.signature(model.forward).parameters))
+    net = DiffusersNetwork(model, sign=schedule.sign, sample_arg=sample_arg, rename={}, required=(), prompts=table)
+    if table is None:
+        net.forward = _needs_prompts(spec)
+    flow = from_network(
+        net,
+        prediction=schedule.prediction,
+        scheduler=schedule.scheduler,
+        time_input=schedule.timestep,
+        cond_keys=("labels",),
+        guidance=guide,
+        sample_shape=_sample_shape(model.config),
+        name=spec,
+        ode_end=schedule.ode_end,
+        fingerprint=pipeline_fingerprint(pipe, denoiser_name, f"{schedule.prediction}|{schedule.scheduler!r}"),
+        num_classes=None if prompts is None else len(prompts),
+        info=_info(model, schedule, config, pipeline=type(pipe).__name__),
+    )
+    flow.prompts, flow.decode = prompts, latent_decoder(pipe.vae)
+    return flow
+
+
+def _needs_prompts(spec: str):
+    def refuse(*args, **kwargs):
+        raise BespokeError(
+            f"{spec} is a text-to-image model: load it with prompts (bespoke.load_model(spec, prompts=[...]) or "
+            "--prompts FILE) to sample it"
+        )
+
+    return refuse

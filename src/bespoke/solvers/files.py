@@ -37,7 +37,17 @@ def model_record(flow) -> dict:
         "fingerprint": flow.fingerprint,
         "scheduler": repr(flow.scheduler) if flow.scheduler is not None else None,
         "guidance": guidance_record(flow),
+        "prompts": _prompts_record(flow),
     }
+
+
+def _prompts_record(flow) -> dict | None:
+    """The prompt set a text-to-image solver was trained on (its hash, size and source): a record, not a check,
+    since a solver serves other prompts of the same model too."""
+    prompts = getattr(flow, "prompts", None)
+    if prompts is None:
+        return None
+    return {k: v for k, v in prompts.record().items() if k != "prompts"}
 
 
 def save_solvers(path, solvers, flow) -> None:
@@ -80,6 +90,7 @@ _MODEL_FIELDS = (
     ("fingerprint", *_OPT_STR, REQUIRED),
     ("scheduler", *_OPT_STR, OPTIONAL),
     ("guidance", is_guidance, 'null or {"weight": number, "convention": string}', None),  # absent: none
+    ("prompts", lambda v: v is None or (isinstance(v, dict) and is_str(v.get("sha256"))), "null or an object", None),
 )
 _ENTRY_FIELDS = (
     ("nfe", *_COUNT, REQUIRED),

@@ -7,7 +7,8 @@
 Pair i depends only on (model, seed, i, shard_size, rtol, atol): its noise is sample i of
 `draw_noise(sample_shape, ..., seed)` times the flow's `noise_scale` (the state at t = 0; drawn in
 float64, stored in the model's dtype, or float64 for models without one), its label
-(class-conditional models) label i of `draw_labels`, and its sample
+(class-conditional models) label i of `draw_labels` (for a text-to-image model: the index of its prompt in
+the prompt set the manifest records, with the set's hash), and its sample
 comes from one dopri5 solve over the whole shard that holds it (dopri5's step size depends on the
 batch, so the batch is fixed to the shard). Shard k is `shard-0000k.safetensors` and holds pairs
 [k * shard_size, (k + 1) * shard_size); shards are always full, so a cache holds `num` rounded up
@@ -42,7 +43,7 @@ from ..distributed import all_gather, barrier, is_main, rank, world_size
 from ..errors import BespokeError, NonFiniteVelocity
 from ..io import load_tensors, save_tensors
 from ..noise import draw_labels, draw_noise
-from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, is_real, is_str, short
+from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, is_prompts, is_real, is_str, short
 
 __all__ = ["GTCache", "generate_gt", "load_gt", "FORMAT", "VERSION", "MANIFEST"]
 
@@ -54,6 +55,7 @@ _HOW_TO_MAKE = "make one with `bespoke gt --model SPEC --num N --out DIR`"
 # values of caches made before a field existed)
 _RESUME_FIELDS = (
     "fingerprint",
+    "prompts_sha256",
     "seed",
     "shard_size",
     "rtol",
@@ -168,6 +170,8 @@ def _settings(flow, *, seed, shard_size, rtol, atol, trajectory=0) -> dict:
             "fingerprint": flow.fingerprint,
             "scheduler": None if flow.scheduler is None else repr(flow.scheduler),
             "guidance": None if flow.guidance is None else flow.guidance.as_dict(),
+            "prompts": None if flow.prompts is None else flow.prompts.record(),
+            "prompts_sha256": None if flow.prompts is None else flow.prompts.sha256,
             "sample_shape": list(flow.sample_shape),
             "dtype": _dtype_name(noise_dtype),
             "samples_dtype": _dtype_name(samples_dtype),
@@ -271,6 +275,8 @@ _FIELDS = (
     ("fingerprint", lambda v: v is None or is_str(v), "a string or null", REQUIRED),
     ("scheduler", lambda v: v is None or is_str(v), "a string or null", REQUIRED),
     ("guidance", is_guidance, 'null or {"weight": number, "convention": string}', REQUIRED),
+    ("prompts", is_prompts, 'null or {"sha256", "prompts", "negative", ...}', None),  # None: from before prompts
+    ("prompts_sha256", lambda v: v is None or is_str(v), "a string or null", None),
     ("sample_shape", _is_shape, "a list of positive integers", REQUIRED),
     ("dtype", _is_dtype, "a torch floating-point dtype name", REQUIRED),
     ("samples_dtype", _is_dtype, "a torch floating-point dtype name", REQUIRED),
@@ -337,6 +343,9 @@ def _check_flow(out: Path, manifest: dict, flow, force: bool) -> None:
     guidance = None if flow.guidance is None else _jsonable(flow.guidance.as_dict())
     if guidance != manifest.get("guidance"):
         problems.append(f"guidance {manifest.get('guidance')}, not {guidance}")
+    prompts = None if flow.prompts is None else flow.prompts.sha256
+    if prompts != manifest["prompts_sha256"]:
+        problems.append(f"prompts {_prompts_text(manifest['prompts'])}, not {_prompts_text(flow.prompts)}")
     if problems:
         msg = f"{out} holds ground truth for another model: {'; '.join(problems)}"
         if not force:
@@ -345,6 +354,16 @@ def _check_flow(out: Path, manifest: dict, flow, force: bool) -> None:
                 "`bespoke gt --model SPEC --num N --out NEW_DIR`, or pass force=True (--force)"
             )
         warnings.warn(f"{msg} (loaded anyway: force=True)", stacklevel=3)
+
+
+def _prompts_text(prompts) -> str:
+    """A prompt set (a Prompts or its record) in a few words: count, source, hash."""
+    if prompts is None:
+        return "none"
+    if not isinstance(prompts, dict):
+        prompts = prompts.record()
+    where = f" from {prompts['source']}" if prompts.get("source") else ""
+    return f"{len(prompts['prompts'])}{where} (sha256 {prompts['sha256'][:12]})"
 
 
 def _load_shard(out: Path, manifest: dict, k: int) -> tuple[dict, dict]:

@@ -19,7 +19,9 @@ from .unet import UNet
 
 __all__ = [
     "DIGITS_MODELS",
+    "T2I_NAME",
     "digits_flow",
+    "t2i_flow",
     "digits_network",
     "read_weights",
     "weights_path",
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 DIGITS_MODELS = ("digits-ot", "digits-vp", "digits-cos")
+T2I_NAME = "digits-t2i"
+T2I_GUIDANCE = 3.0  # the default guidance scale of zoo:digits-t2i (diffusers' convention)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -79,6 +83,29 @@ def digits_flow(name: str, guidance="default") -> Flow:
         fingerprint=fingerprint,
         num_classes=NUM_CLASSES,
         info=meta,
+    )
+
+
+def t2i_flow(guidance="default", prompts=None, negative_prompt=None) -> Flow:
+    """zoo:digits-t2i: the bundled text-to-image pipeline folder (`python -m bespoke.zoo.digits_t2i`) as a Flow;
+    guidance W in diffusers' convention, T2I_GUIDANCE by default (as the digits models sample guided by default)."""
+    from ..errors import BespokeError
+
+    folder = WEIGHTS_DIR / T2I_NAME
+    if not (folder / "model_index.json").is_file():
+        raise BespokeError(
+            f"zoo:{T2I_NAME}: its pipeline folder {folder} is missing; reinstall the package or train it again: "
+            "`python -m bespoke.zoo.digits_t2i`"
+        )
+    try:
+        from ..integrations.diffusers_model import load_diffusers
+    except ImportError as e:
+        raise BespokeError(
+            f"zoo:{T2I_NAME} needs diffusers and transformers ({e}); pip install 'bespoke-solvers[diffusers]'"
+        ) from None
+    guidance = T2I_GUIDANCE if guidance == "default" and prompts is not None else guidance
+    return load_diffusers(
+        folder, spec=f"zoo:{T2I_NAME}", guidance=guidance, prompts=prompts, negative_prompt=negative_prompt
     )
 
 
