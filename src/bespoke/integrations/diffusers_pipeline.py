@@ -106,7 +106,6 @@ def _quiet_diffusers():
     """diffusers' and transformers' own log lines (truncation, missing optional parts) off for the duration:
     we say what matters ourselves."""
     from diffusers.utils import logging as dlog
-
     from transformers.utils import logging as tlog
 
     before = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in (dlog, tlog)]
@@ -131,8 +130,10 @@ class _Stop(Exception):
         self.arguments = arguments
 
 
-def _denoiser_keywords(pipe, denoiser, prompt: str, size: tuple[int, int]) -> dict:
-    """The keywords the pipeline passes its denoiser for `prompt` (no guidance, batch 1), sample and time removed."""
+def _denoiser_keywords(pipe, denoiser, prompt: str, negative: str, size: tuple[int, int]) -> tuple[dict, dict]:
+    """The keywords the pipeline passes its denoiser for `prompt` with guidance on, split into the unconditional
+    and the conditional half (batch 1 each), sample and time removed. With guidance on, the null condition is
+    exactly the pipeline's own (SDXL, for one, uses zeros for an empty negative prompt)."""
     signature = inspect.signature(denoiser.forward)
 
     def stop(module, args, kwargs):
@@ -143,8 +144,9 @@ def _denoiser_keywords(pipe, denoiser, prompt: str, size: tuple[int, int]) -> di
         with _quiet_diffusers(), torch.no_grad():
             pipe(
                 prompt=prompt,
+                negative_prompt=negative or None,
                 num_inference_steps=1,
-                guidance_scale=1.0,
+                guidance_scale=2.0,
                 output_type="latent",
                 height=size[0],
                 width=size[1],
@@ -159,7 +161,16 @@ def _denoiser_keywords(pipe, denoiser, prompt: str, size: tuple[int, int]) -> di
     sample = next(iter(signature.parameters))
     for key in (sample, "timestep", "return_dict"):
         arguments.pop(key, None)
-    return arguments
+    return _half(arguments, 0), _half(arguments, 1)
+
+
+def _half(value, k: int):
+    """Half k of a guided batch [uncond, cond] (tensors with a batch axis of 2; anything else as it is)."""
+    if isinstance(value, dict):
+        return {key: _half(v, k) for key, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 2:
+        return value[k : k + 1]
+    return value
 
 
 def _flatten(value, prefix=()) -> dict[tuple, object]:
@@ -223,9 +234,10 @@ def _warn_truncated(pipe, prompts: Prompts) -> None:
 
 
 def prompt_table(pipe, denoiser, prompts: Prompts, size: tuple[int, int]) -> PromptTable:
-    """The PromptTable of `prompts` (negative prompt last) for this pipeline."""
+    """The PromptTable of `prompts` (the null condition last) for this pipeline."""
     _warn_truncated(pipe, prompts)
-    return PromptTable([_denoiser_keywords(pipe, denoiser, text, size) for text in prompts.all_texts])
+    halves = [_denoiser_keywords(pipe, denoiser, text, prompts.negative, size) for text in prompts.texts]
+    return PromptTable([cond for _, cond in halves] + [halves[0][0]])
 
 
 # --- pictures -------------------------------------------------------------------------------------
