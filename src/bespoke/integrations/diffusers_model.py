@@ -51,7 +51,7 @@ class DiffusersNetwork(torch.nn.Module):
         if timestep.dim() == 0:
             timestep = timestep.expand(x.shape[0])
         if self.prompts is not None:
-            kwargs = self.prompts(cond["labels"])
+            kwargs = self.prompts(cond.get("labels"))
         else:
             kwargs = self._passed_through(cond)
         out = self.model(**{self.sample_arg: x}, timestep=timestep, **kwargs, return_dict=False)[0]
@@ -197,14 +197,13 @@ def _pipeline_guidance(guidance, prompts: Prompts | None, spec: str) -> Guidance
 
 
 def _text_pipeline_flow(root: Path, index: dict, spec: str, guidance, prompts: Prompts | None) -> Flow:
-    config, schedule = _schedule(root, spec)
     guide = _pipeline_guidance(guidance, prompts, spec)
     pipe, denoiser_name, table = load_text_pipeline(root, index, spec, prompts)
+    config, schedule = _schedule(root, spec)
     model = getattr(pipe, denoiser_name)
     sample_arg = next(iter(inspect.signature(model.forward).parameters))
+    table = _needs_prompts(spec) if table is None else table
     net = DiffusersNetwork(model, sign=schedule.sign, sample_arg=sample_arg, rename={}, required=(), prompts=table)
-    if table is None:
-        net.forward = _needs_prompts(spec)
     flow = from_network(
         net,
         prediction=schedule.prediction,
