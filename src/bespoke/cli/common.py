@@ -138,8 +138,8 @@ def add_model_args(p, *, labels: bool = True) -> None:
             type=labels_arg,
             default=None,
             metavar="K|random",
-            help="class label K for every sample, or 'random' (labels drawn from the seed); "
-            "default: none, or random for a model that samples with guidance",
+            help="class label K for every sample (prompt K of --prompts for a text-to-image model), or 'random' "
+            "(drawn from the seed); default: none, or random for a model that samples with guidance or prompts",
         )
 
 
@@ -220,12 +220,12 @@ def conditioning(args, flow, num: int, start: int = 0) -> tuple[dict, str | None
     if choice == "random":
         if n is None:
             raise BespokeError(f"--labels random: {args.model} does not say how many classes it has; pass --labels K")
-        what = f"prompts drawn from {flow.prompts.describe()}" if flow.prompts else f"random 0..{n - 1}"
+        what = f"drawn from {flow.prompts.describe()}" if flow.prompts else f"random 0..{n - 1}"
         return {"labels": draw_labels(num, n, args.seed, start=start)}, what
     if n is not None and choice >= n:
         have = f"prompts 0..{n - 1} (--prompts)" if flow.prompts else f"classes 0..{n - 1}"
         raise BespokeError(f"--labels {choice}: {args.model} has {have}")
-    what = f"prompt {choice}: {flow.prompts.texts[choice]!r}" if flow.prompts else str(choice)
+    what = f"{choice} ({flow.prompts.texts[choice]!r}) for every sample" if flow.prompts else str(choice)
     return {"labels": torch.full((num,), choice, dtype=torch.long)}, what
 
 

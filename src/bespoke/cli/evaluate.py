@@ -270,7 +270,9 @@ def header(model: str, flow, num: int, where: str, labels: str | None, gt: dict)
         g = flow.guidance
         parts.append(f"guidance w={g.weight:g} ({g.convention}: {GUIDANCE_CONVENTIONS[g.convention].split('  ')[0]})")
     if labels is not None:
-        parts.append(f"labels {labels}")
+        parts.append(f"{'prompts' if flow.prompts is not None else 'labels'} {labels}")
+    if flow.decode is not None:
+        parts.append("PSNR on latents")
     nfe = gt["nfe"]
     if not isinstance(nfe, int):  # a GT cache: one count per shard
         nfe = min(nfe) if min(nfe) == max(nfe) else f"{min(nfe)}-{max(nfe)}"
