@@ -35,11 +35,11 @@ from bespoke import plots  # noqa: E402
 from bespoke.integrations.diffusers import BespokeScheduler  # noqa: E402
 from bespoke.prompts import Prompts  # noqa: E402
 from bespoke.train.loop import FitConfig  # noqa: E402
-from bespoke.zoo.digits_t2i import DIGIT_WORDS  # noqa: E402
+from bespoke.zoo.digits_t2i import NUMBER_WORDS  # noqa: E402
 from bespoke.zoo.pretrained import T2I_NAME, WEIGHTS_DIR  # noqa: E402
 
 MARK = "t2i_pipeline"
-PROMPTS = Prompts(tuple(f"a handwritten {word}" for word in DIGIT_WORDS))
+PROMPTS = Prompts(tuple(f"a handwritten {word}" for word in NUMBER_WORDS))
 PEERS = {  # label: (class, options); each scheduler's defaults otherwise (as the pipeline ships them)
     "DPMSolverMultistep": ("DPMSolverMultistepScheduler", {}),
     "DPMSolverMultistep (Karras σ)": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

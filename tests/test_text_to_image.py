@@ -260,3 +260,22 @@ def test_a_prompt_longer_than_the_tokenizer_limit_is_truncated_with_a_warning(fo
     assert code == 0 and out.exists()
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "prompt 2 has 34 tokens, more than tokenizer's limit of 16" in warning[0]
+
+
+# --- the bundled text-to-image model --------------------------------------------------------------
+
+
+def test_zoo_digits_t2i_is_a_pipeline_folder_that_follows_its_prompts():
+    from bespoke.zoo.pretrained import T2I_NAME, WEIGHTS_DIR
+
+    prompts = ["a handwritten three", "a handwritten seven"]
+    flow = bespoke.load_model("zoo:digits-t2i", prompts=prompts)
+    assert flow.guidance.weight == 3.0 and flow.guidance.convention == "diffusers"  # its default
+    same = bespoke.load_model(f"diffusers:{WEIGHTS_DIR / T2I_NAME}", prompts=prompts, guidance=3.0)
+    assert same.fingerprint == flow.fingerprint
+    labels = torch.tensor([0, 1] * 8)
+    noise = bespoke.draw_noise(flow.sample_shape, 16, seed=0, dtype=torch.float64)
+    pictures = flow.decode(bespoke.solver("dpm++2m", 12).sample(flow, noise, labels=labels))
+    assert pictures.shape == (16, 1, 16, 16)
+    accuracy = bespoke.class_accuracy(pictures, torch.tensor([3, 7] * 8))
+    assert accuracy >= 0.8, accuracy  # the prompt decides the digit

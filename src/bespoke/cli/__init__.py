@@ -130,6 +130,10 @@ def _main(argv: list[str] | None) -> int:
             traceback.print_exc()
         print_error(str(e))
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`bespoke info F | head`): stop quietly
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush cannot fail
+        return 141
     except KeyboardInterrupt:
         what = INTERRUPTED.get(getattr(args, "command", None), "nothing was written")
         print(f"bespoke: interrupted ({what})", file=sys.stderr)

@@ -169,14 +169,22 @@ def _publish(src: Path, dst: Path) -> None:
 
 
 def _fd(cells, reference, flow) -> dict | None:
-    """FD-digits of every solver's samples and of the ground truth (None unless 16x16 digit images)."""
-    if tuple(flow.sample_shape) != (1, 16, 16):
+    """FD-digits of every solver's samples and of the ground truth (None unless they are, or a latent model
+    decodes them into, 16x16 digit images)."""
+    if tuple(flow.sample_shape) != (1, 16, 16) and flow.decode is None:
         return None
+
+    def digits(x):
+        return plots.pictures(flow, x).float().cpu()
+
     with torch.no_grad():
-        fd = {"ground truth": bespoke.fd_digits(reference.float().cpu())}
+        ref = digits(reference)
+        if tuple(ref.shape[1:]) != (1, 16, 16):
+            return None
+        fd = {"ground truth": bespoke.fd_digits(ref)}
         for c in cells:
             if c.result is not None:
-                fd[f"{c.solver}@{c.requested}"] = bespoke.fd_digits(c.result.samples.float().cpu())
+                fd[f"{c.solver}@{c.requested}"] = bespoke.fd_digits(digits(c.result.samples))
     return fd
 
 
@@ -313,10 +321,12 @@ def _psnr(c):
 def _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_eval) -> str:
     total = sum(t for t, _ in clock.steps.values())
     n_eval = len(gt_eval)
+    text = "" if gt_eval.manifest.get("prompts") is None else f" --prompts {gt_eval.manifest['prompts']['source']}"
+    text += "" if args.guidance is None else f" --guidance {args.guidance:g}"
     lines = [
         f"# bespoke demo: {args.model}",
         "",
-        f"Command: `bespoke demo --model {args.model} --nfe {','.join(map(str, args.nfe))}"
+        f"Command: `bespoke demo --model {args.model}{text} --nfe {','.join(map(str, args.nfe))}"
         + (" --fast" if args.fast else "")
         + f" --seed {args.seed}` · {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · bespoke {bespoke.__version__}",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -327,7 +337,7 @@ def _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_ev
         f"the same noise. The learned solvers were trained on {profile.train} other pairs (seed {args.seed + 1}) and "
         f"selected on {profile.val} more; no evaluation pair was seen in training.",
         "",
-        "## PSNR against ground truth (dB, higher is better)",
+        "## PSNR against ground truth (dB, higher is better)" + (" on latents" if args.latent else ""),
         "",
         *_markdown_table(cells, names, nfes, _psnr),
         "",
@@ -420,6 +430,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     cache = out / "cache"
     flow = load_flow(args)
+    args.latent = flow.decode is not None
     check_training_budget(flow, args.nfe, max(profile.val, bespoke.FitConfig().batch_size), dev)
     try:
         cache.mkdir(parents=True, exist_ok=True)

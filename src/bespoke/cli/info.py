@@ -29,7 +29,9 @@ def _model_line(model: dict) -> str:
     g = model.get("guidance")
     guidance = f"guidance w={g['weight']:g} ({g['convention']})" if g else "no guidance"
     fingerprint, path = model.get("fingerprint"), model.get("scheduler")
-    return f"model: {model.get('name')} (fingerprint {fingerprint}, path {path}, {guidance})"
+    p = model.get("prompts")
+    trained = "" if not p else f"; trained on {p.get('count')} prompts (sha256 {str(p.get('sha256'))[:12]})"
+    return f"model: {model.get('name')} (fingerprint {fingerprint}, path {path}, {guidance}){trained}"
 
 
 def _solver_lines(nfe: int, entry: dict) -> list[str]:
@@ -61,6 +63,18 @@ def _training_text(t: dict) -> str:
     return "; ".join(parts)
 
 
+def _conditioning_text(m: dict) -> str:
+    prompts = m.get("prompts")
+    if prompts is not None:
+        where = f" from {prompts['source']}" if prompts.get("source") else ""
+        negative = f", negative prompt {prompts['negative']!r}" if prompts["negative"] else ""
+        return (
+            f"prompts: {len(prompts['prompts'])}{where} (sha256 {prompts['sha256'][:12]}{negative}), "
+            "one drawn per pair from the seed"
+        )
+    return f"labels: {'drawn from the seed' if m.get('labels') else 'none'}"
+
+
 def _gt_lines(path: Path) -> tuple[list[str], dict]:
     cache = bespoke.load_gt(path)
     m = cache.manifest
@@ -70,7 +84,7 @@ def _gt_lines(path: Path) -> tuple[list[str], dict]:
         f"{path}: ground-truth cache, {len(cache)} pairs in {len(m['shards'])} shards of {m['shard_size']}{traj}",
         f"model: {m['model']} (fingerprint {m['fingerprint']}, path {m['scheduler']}, "
         + (f"guidance w={g['weight']:g} ({g['convention']}))" if g else "no guidance)"),
-        f"noise seed {m['seed']}, {m['dtype']}; labels: {'drawn from the seed' if m.get('labels') else 'none'}",
+        f"noise seed {m['seed']}, {m['dtype']}; {_conditioning_text(m)}",
         f"dopri5 rtol={m['rtol']:g} atol={m['atol']:g}, {min(cache.nfe)}-{max(cache.nfe)} NFE per sample; "
         f"{sum(s['seconds'] for s in m['shards']):.0f} s in all",
     ], m
