@@ -40,22 +40,23 @@ WEIGHTS_FOLDER = Path(__file__).parent / "weights" / "digits-t2i"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a handwritten {}", "the digit {}", "a {}", "the number {}", "a handwritten digit {}")
 MAX_TOKENS = 16
+UNET_DTYPE = torch.float16  # on disk only (4.2 -> 2.1 MB); diffusers loads it as float32 unless told otherwise
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
 @dataclass(frozen=True)
 class T2IRecipe:
     seed: int = 0
-    vae_iterations: int = 1500
+    vae_iterations: int = 600
     vae_batch: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-3  # on the KL per latent element, against the MSE per pixel
     vae_channels: tuple[int, int] = (16, 32)
-    unet_iterations: int = 3000
+    unet_iterations: int = 2000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 200
-    ema: float = 0.999
+    ema: float = 0.999  # EMA decay, warmed up as min(ema, (1 + it) / (10 + it))
     caption_dropout: float = 0.1
     unet_channels: tuple[int, int] = (32, 64)
     attention_heads: int = 4
@@ -228,6 +229,12 @@ def _conditions(table, null, labels, dropout: float, g: torch.Generator) -> torc
     return torch.where(drop[:, None, None], null.expand_as(cond), cond)
 
 
+@torch.no_grad()
+def _update_ema(ema, net, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p, 1 - decay)
+
+
 def train_unet(unet, ema, latents, labels, table, null, recipe: T2IRecipe, g: torch.Generator) -> None:
     """eps-prediction MSE on scaled posterior samples, SD's beta schedule; `ema` tracks the weights."""
     from diffusers import DDPMScheduler
@@ -246,9 +253,7 @@ def train_unet(unet, ema, latents, labels, table, null, recipe: T2IRecipe, g: to
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
         _optimizer_step(opt, unet.parameters(), loss, _lr(recipe.unet_lr, recipe.warmup, recipe.unet_iterations, it))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - recipe.ema)
+        _update_ema(ema, unet, min(recipe.ema, (1 + it) / (10 + it)))
         if it % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
@@ -326,6 +331,14 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def _make_readable(folder: Path) -> None:
+    """Give the folder's files and subfolders ordinary modes (some writers create files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _replace_folder(tmp: Path, out: Path) -> None:
     """Move the finished folder `tmp` to `out`, swapping out any previous one."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -347,55 +360,55 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def train(out_dir=WEIGHTS_FOLDER, *, seed: int = 0, quick: bool = False, recipe: T2IRecipe | None = None) -> Path:
-    """Train tokenizer / text encoder / VAE / UNet, save the pipeline folder at `out_dir` (atomically), return it."""
-    recipe = replace(recipe or (QUICK if quick else T2IRecipe()), seed=seed)
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(recipe.seed)
-    g = torch.Generator().manual_seed(recipe.seed)
-    x, y = load_digits16("train")
-    x_heldout, _ = load_digits16("heldout")
-
-    tokenizer = write_clip_tokenizer(tmp / "tokenizer", _vocabulary(), max_length=MAX_TOKENS)
-    text_encoder = build_text_encoder(tokenizer, recipe.text_hidden)
-    table, null = caption_table(tokenizer, text_encoder)
-    separation = prompt_separation(table, null)
-
+def _fit_vae(recipe: T2IRecipe, x: torch.Tensor, g: torch.Generator):
+    """The trained VAE with its scaling_factor set, the scaled posterior (mean, std) of x, and the seconds taken."""
     t0 = time.perf_counter()
     vae = build_vae(recipe.vae_channels)
     train_vae(vae, x, recipe, g)
-    vae_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     mean, std = encode_latents(vae, x)
     scaling = 1.0 / mean.std().item()
     vae.register_to_config(scaling_factor=scaling)
+    return vae, (mean * scaling, std * scaling), seconds
 
-    t1 = time.perf_counter()
+
+def _fit_unet(recipe: T2IRecipe, latents, labels, table, null, g: torch.Generator):
+    """The EMA UNet (eval mode, frozen) and the seconds taken."""
+    t0 = time.perf_counter()
     unet = build_unet(recipe.unet_channels, recipe.attention_heads, recipe.text_hidden)
     ema = build_unet(recipe.unet_channels, recipe.attention_heads, recipe.text_hidden)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
-    train_unet(unet, ema, (mean * scaling, std * scaling), y, table, null, recipe, g)
-    unet_seconds = time.perf_counter() - t1
-    ema.eval()
+    train_unet(unet, ema, latents, labels, table, null, recipe, g)
+    return ema.eval(), time.perf_counter() - t0
 
-    build_pipeline(vae, text_encoder, tokenizer, ema).save_pretrained(str(tmp), safe_serialization=True)
-    pipe = load_pipeline(tmp)
-    accuracy = {str(w): round(prompt_accuracy(pipe, w, recipe.eval_samples, seed=seed), 3) for w in (1.0, 3.0, 5.0)}
-    meta = {
+
+def _train_into(folder: Path, recipe: T2IRecipe) -> dict:
+    """Train every component, save the pipeline into `folder`, evaluate it from there; the recipe record."""
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    x, y = load_digits16("train")
+    x_heldout, _ = load_digits16("heldout")
+    tokenizer = write_clip_tokenizer(folder / "tokenizer", _vocabulary(), max_length=MAX_TOKENS)
+    text_encoder = build_text_encoder(tokenizer, recipe.text_hidden)
+    table, null = caption_table(tokenizer, text_encoder)
+    vae, latents, vae_seconds = _fit_vae(recipe, x, g)
+    unet, unet_seconds = _fit_unet(recipe, latents, y, table, null, g)
+    num_params = {"text_encoder": _num_params(text_encoder), "vae": _num_params(vae), "unet": _num_params(unet)}
+    pipe = build_pipeline(vae, text_encoder, tokenizer, unet.to(UNET_DTYPE))
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    pipe = load_pipeline(folder)
+    accuracy = {str(w): round(prompt_accuracy(pipe, w, recipe.eval_samples, seed=recipe.seed), 3) for w in (1, 3, 5)}
+    return {
         "name": "digits-t2i",
         "recipe": _recipe_dict(recipe),
         "captions": list(TEMPLATES),
         "unconditional_caption": "",
-        "latent_shape": list(mean.shape[1:]),
-        "scaling_factor": scaling,
-        "num_params": {
-            "text_encoder": _num_params(text_encoder),
-            "vae": _num_params(vae),
-            "unet": _num_params(ema),
-        },
-        "text_embedding_separation": separation,
+        "latent_shape": list(latents[0].shape[1:]),
+        "scaling_factor": vae.config.scaling_factor,
+        "num_params": num_params,
+        "unet_weights_dtype": str(UNET_DTYPE).removeprefix("torch."),
+        "text_embedding_separation": prompt_separation(table, null),
         "vae_psnr_db": {
             "train": round(reconstruction_psnr(vae, x), 2),
             "heldout": round(reconstruction_psnr(vae, x_heldout), 2),
@@ -413,15 +426,42 @@ def train(out_dir=WEIGHTS_FOLDER, *, seed: int = 0, quick: bool = False, recipe:
             **_versions(),
         },
     }
-    (tmp / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
-    meta["folder_bytes"] = _folder_bytes(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _replace_folder(tmp, out)
+
+
+def _write_recipe(folder: Path, meta: dict) -> None:
+    """recipe.json, including the folder's total size (with recipe.json itself)."""
+    (folder / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {**meta, "folder_bytes": _folder_bytes(folder)}
+    (folder / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def train(out_dir=WEIGHTS_FOLDER, *, seed: int = 0, quick: bool = False, recipe: T2IRecipe | None = None) -> Path:
+    """Train the pipeline and write it to `out_dir` atomically (temp folder beside it, then rename); returns it."""
+    recipe = replace(recipe or (QUICK if quick else T2IRecipe()), seed=seed)
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_recipe(tmp, _train_into(tmp, recipe))
+        _make_readable(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _reexec_with_passive_openmp() -> None:
+    """Re-run this command with OMP_WAIT_POLICY=PASSIVE unless set: OpenMP threads that spin-wait slow
+    training down ~10-40x when another process shares the cores (the variable is read when torch loads)."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "bespoke.zoo.digits_t2i", *sys.argv[1:]])
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        _reexec_with_passive_openmp()
     ap = argparse.ArgumentParser(prog="python -m bespoke.zoo.digits_t2i", description="Train zoo:digits-t2i.")
     ap.add_argument("--out", type=Path, default=WEIGHTS_FOLDER)
     ap.add_argument("--seed", type=int, default=0)
