@@ -104,7 +104,13 @@ def learned(flow, home: Path, args) -> dict:
 
     makers = {"BNS σ0=1": bns(1.0), "BNS σ0=5": bns(5.0), "RK2-Bespoke": rk2}
     files = {"BNS σ0=1": "bns-s1", "BNS σ0=5": "bns-s5", "RK2-Bespoke": "bespoke-rk2"}
-    return {k: trained(home / f"{files[k]}.safetensors", flow, args.nfe, makers[k]) for k in LEARNED}
+    out, skipped = {}, {}
+    for k in LEARNED:
+        try:
+            out[k] = trained(home / f"{files[k]}.safetensors", flow, args.nfe, makers[k])
+        except bespoke.BespokeError as e:  # e.g. preconditioning on a path whose SNR does not reach 0
+            skipped[k] = str(e)
+    return out, skipped
 
 
 def _peer_file(label: str) -> str:
@@ -132,7 +138,8 @@ def run_guidance(weight: float, args) -> dict:
             x, n = in_pipeline(pipe, calls, scheduler, steps, latents, labels, weight)
             res["diffusers"][label][nfe] = {"psnr": bespoke.psnr(x, reference), "nfe": n}
             save_file({"x": x.float()}, home / f"{_peer_file(label)}-{nfe}.safetensors")
-    for label, solvers in learned(flow, home, args).items():
+    solvers_of, res["skipped"] = learned(flow, home, args)
+    for label, solvers in solvers_of.items():
         scheduler = BespokeScheduler.from_solvers(list(solvers.values()), flow)
         res["learned"][label] = {}
         res["train_seconds"][label] = {nfe: solvers[nfe].training_summary["seconds"] for nfe in args.nfe}
@@ -154,7 +161,7 @@ def best_peer(res: dict, nfe: int) -> tuple[str, float]:
 
 
 def best_learned(res: dict, nfe: int) -> tuple[str, float]:
-    name = max(LEARNED[:2], key=lambda k: res["learned"][k][str(nfe)]["psnr"])
+    name = max((k for k in res["learned"] if k.startswith("BNS")), key=lambda k: res["learned"][k][str(nfe)]["psnr"])
     return name, res["learned"][name][str(nfe)]["psnr"]
 
 
@@ -267,6 +274,7 @@ def main(argv=None) -> int:
         lines += table(res, args.nfe)
         secs = {k: sum(v.values()) for k, v in res["train_seconds"].items()}
         lines += ["", "Training time (all NFEs): " + ", ".join(f"{k} {s:.0f} s" for k, s in secs.items()) + "."]
+        lines += [f"Not run: {k}: {why}" for k, why in res["skipped"].items()]
     doc = args.out
     lines += figure_lines(doc, "t2i_pipeline.png", "PSNR against NFE", lambda p: plot(results, args.nfe, p))
     for res in results:

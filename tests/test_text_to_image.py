@@ -139,8 +139,9 @@ def test_stock_pipeline_with_bespoke_scheduler_equals_our_sampler(folders, kind,
 # --- the CLI: gt -> train -> sample with --prompts and --guidance ------------------------------------
 
 
-def test_gt_train_sample_through_the_cli(folders, prompt_file, tmp_path, capsys):
-    model = ["--model", f"diffusers:{folders['sd']}", "--prompts", prompt_file, "--guidance", 3]
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_gt_train_sample_through_the_cli(folders, kind, prompt_file, tmp_path, capsys):
+    model = ["--model", f"diffusers:{folders[kind]}", "--prompts", prompt_file, "--guidance", 3]
     gt, bns = tmp_path / "gt", tmp_path / "bns.safetensors"
     quick = ["--quiet", "--seed", 1]
     args = ["gt", *model, "--num", 24, "--shard-size", 8, "--rtol", 1e-3, "--atol", 1e-3, "--out", gt, *quick]
@@ -179,7 +180,7 @@ def test_gt_train_sample_through_the_cli(folders, prompt_file, tmp_path, capsys)
         assert ("prompts 3" in err) if change[0] == "--prompts" else ("guidance" in err)
         assert not (tmp_path / "x.safetensors").exists()
     # a solver file trained at W refuses W' unless forced
-    at_two = ["sample", "--model", f"diffusers:{folders['sd']}", "--prompts", prompt_file, "--guidance", 2]
+    at_two = ["sample", "--model", f"diffusers:{folders[kind]}", "--prompts", prompt_file, "--guidance", 2]
     code, _, err = _run([*at_two, "--solver", bns, "--num", 2, "--out", tmp_path / "y.safetensors", *quick], capsys)
     assert code == 2 and "trained at guidance w=3" in err and not (tmp_path / "y.safetensors").exists()
     forced = [*at_two, "--solver", bns, "--num", 2, "--out", tmp_path / "y.safetensors", "--force", *quick]
