@@ -187,6 +187,19 @@ def table(res: dict, nfes) -> list[str]:
     return lines
 
 
+def initialisers(res: dict, args) -> list[str]:
+    """Where BNS started: our best dedicated solver on the validation pairs (from the solver file's summary)."""
+    from bespoke.solvers.files import read_metadata
+
+    file = args.cache / f"t2i-w{res['guidance']:g}" / "bns-s1.safetensors"
+    entries = read_metadata(file)["solvers"]
+    parts = []
+    for nfe in args.nfe:
+        t = entries[str(nfe)]["training"]
+        parts.append(f"NFE {nfe}: {t['init']} {t['val_psnr_init']:.2f} → {t['val_psnr']:.2f} dB")
+    return ["BNS σ0=1 started from our best dedicated solver (validation pairs): " + "; ".join(parts) + "."]
+
+
 def plot(results: list[dict], nfes, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.6), dpi=110, squeeze=False)
     for ax, res in zip(axes[0], results):
@@ -262,7 +275,9 @@ def main(argv=None) -> int:
         "`UNet2DConditionModel`, ε-prediction on SD's scaled-linear schedule), prompts 'a handwritten zero' … "
         "'a handwritten nine' drawn per sample. Every solver runs inside the pipeline "
         "(`pipe(prompts, latents=..., guidance_scale=W, num_inference_steps=..., output_type='latent')`): "
-        "diffusers' schedulers as shipped, ours through `BespokeScheduler`; all from the same latents and prompts. "
+        "diffusers' schedulers built with `from_config(pipe.scheduler.config)` as a user swaps them in (so with "
+        "the pipeline's `timestep_spacing='leading'`, `steps_offset=1`, as SD 1.x ships; DDIM 'trailing'), ours "
+        "through `BespokeScheduler`; all from the same latents and prompts. "
         "PSNR is on the **latents** (as in the BNS paper), against dopri5 ground truth of the same guided ODE. "
         "A cell's (n) is the network calls it really made where that differs from the column (Heun: 2 s − 1). "
         "Learned solvers: the library's training with "
@@ -275,6 +290,7 @@ def main(argv=None) -> int:
         secs = {k: sum(v.values()) for k, v in res["train_seconds"].items()}
         lines += ["", "Training time (all NFEs): " + ", ".join(f"{k} {s:.0f} s" for k, s in secs.items()) + "."]
         lines += [f"Not run: {k}: {why}" for k, why in res["skipped"].items()]
+        lines += initialisers(res, args)
     doc = args.out
     lines += figure_lines(doc, "t2i_pipeline.png", "PSNR against NFE", lambda p: plot(results, args.nfe, p))
     for res in results:

@@ -316,3 +316,20 @@ def test_global_rmse_loss_with_activation_checkpointing_has_the_same_gradient(fl
         bespoke_loss(s, flow, train, idx, loss="rmse", grad_checkpoint=ckpt).backward()
         grads.append(torch.cat([p.grad for p in s.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
+def test_an_init_candidate_that_cannot_be_built_is_scored_na_not_fatal(flow, data, monkeypatch):
+    """On zoo:digits-t2i the vp and edm changes of path degenerate at NFE 8/16 (two grid times equal in float64);
+    that candidate is skipped, the others still compete."""
+    train, val = data
+    real = BespokeSolver.from_path.__func__
+
+    def from_path(cls, flow, name, order, nfe):
+        if name == "edm":
+            raise BespokeError("a Bespoke transform needs 0 = t_0 < ... < t_N = 1, t' > 0 and s > 0 (spec §2.3)")
+        return real(cls, flow, name, order, nfe)
+
+    monkeypatch.setattr(BespokeSolver, "from_path", classmethod(from_path))
+    s = train_bespoke(flow, train, val, 4, order=2, config=FitConfig(iterations=1), quiet=True)
+    scores = s.training_summary["init_candidates_psnr"]
+    assert scores["edm"] is None and scores["identity"] is not None and s.nfe == 4

@@ -86,13 +86,15 @@ def _initial_solver(flow, val, order, nfe, init):
         return BespokeSolver.identity(order, nfe), {}
     if init not in (None, "auto", "best"):
         return BespokeSolver.from_path(flow, init, order, nfe), {}
-    candidates = {"identity": BespokeSolver.identity(order, nfe)}
-    if flow.scheduler is not None:
-        candidates.update(
-            {name: BespokeSolver.from_path(flow, name, order, nfe) for name in INITS[1:] if name != "ddim"}
-        )
+    candidates, scores = {"identity": BespokeSolver.identity(order, nfe)}, {}
+    for name in INITS[1:] if flow.scheduler is not None else ():
+        if name == "ddim":
+            continue
+        try:
+            candidates[name] = BespokeSolver.from_path(flow, name, order, nfe)
+        except BespokeError:  # the change of path degenerates at this NFE (e.g. two grid times equal in float64)
+            scores[name] = float("nan")
     sub = val.slice(0, min(256, len(val)))
-    scores = {}
     for name, s in candidates.items():
         try:
             scores[name] = solver_psnr(s, flow, sub)
