@@ -133,7 +133,7 @@ def run_guidance(weight: float, args) -> dict:
     for label, (cls_name, options) in PEERS.items():
         res["diffusers"][label] = {}
         for nfe in args.nfe:
-            steps = nfe // 2 + 1 if cls_name == "HeunDiscreteScheduler" else nfe  # Heun: 2 s - 1 calls
+            steps = (nfe + 1) // 2 if cls_name == "HeunDiscreteScheduler" else nfe  # Heun: 2 s - 1 calls <= nfe
             scheduler = getattr(diffusers, cls_name).from_config(base, **options)
             x, n = in_pipeline(pipe, calls, scheduler, steps, latents, labels, weight)
             res["diffusers"][label][nfe] = {"psnr": bespoke.psnr(x, reference), "nfe": n}
