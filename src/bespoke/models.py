@@ -46,7 +46,7 @@ def load_model(
     guidance: "default" (the model's own default: none for the mixtures), None (no guidance),
               a weight in the fm convention (1+w) cond - w uncond, or a bespoke.Guidance; for a
               text-to-image pipeline, a weight W in diffusers' convention uncond + W (cond - uncond).
-    prompts:  the prompt set of a text-to-image model (a list of strings, a prompt file or a
+    prompts:  the prompt set of a text-to-image model (a list of strings, a prompt file as a Path, or a
               `bespoke.prompts.Prompts`); its `labels` are then indices into it. negative_prompt:
               the null condition of guidance ("" by default, as in diffusers).
     """
