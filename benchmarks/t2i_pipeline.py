@@ -234,7 +234,7 @@ def grid(res: dict, nfe: int, args, path: Path) -> None:
     k = 10
     peer, bns = best_peer(res, nfe)[0], best_learned(res, nfe)[0]
     rows = [
-        (f"{peer} (best diffusers)", load_file(home / f"{_peer_file(peer)}-{nfe}.safetensors")["x"][:k].double()),
+        ("diffusers (best)", load_file(home / f"{_peer_file(peer)}-{nfe}.safetensors")["x"][:k].double()),
         (bns, load_file(home / f"{_peer_file(bns)}-{nfe}.safetensors")["x"][:k].double()),
     ]
     plots.sample_grid(
@@ -242,7 +242,7 @@ def grid(res: dict, nfe: int, args, path: Path) -> None:
         path,
         reference=evaluation.samples[:k].double(),
         data_range=flow.data_range,
-        title=f"zoo:{T2I_NAME}, guidance {res['guidance']:g}, NFE {nfe}: "
+        title=f"zoo:{T2I_NAME}, guidance {res['guidance']:g}, NFE {nfe}, best diffusers scheduler: {peer}; prompts "
         + ", ".join(f"'{PROMPTS.texts[int(j)]}'" for j in evaluation.labels[:3])
         + ", ...",
         decode=flow.decode,
