@@ -392,7 +392,8 @@ def _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, ou
     if not dedicated:
         raise BespokeError(f"no dedicated solver runs at NFE {main_nfe} on {args.model}; choose another --nfe")
     best = max(dedicated, key=lambda n: at[n, main_nfe].result.psnr_db)
-    k = min(GRID_COLUMNS, noise.shape[0]) if plots.is_image(flow.sample_shape) else noise.shape[0]
+    pictures = plots.is_image(flow.sample_shape) or flow.decode is not None  # latents are drawn decoded
+    k = min(GRID_COLUMNS, noise.shape[0]) if pictures else noise.shape[0]
     rows = [(f"{best} (best dedicated)", at[best, main_nfe].result.samples[:k])]
     rows += [(LEARNED[kind], at[kind, main_nfe].result.samples[:k]) for kind in LEARNED if (kind, main_nfe) in at]
     results = ev.results_of(cells)
