@@ -87,3 +87,18 @@ def trained(file: Path, flow, nfes, make) -> dict:
             solvers[nfe] = make(nfe)
             save_solvers(file, solvers, flow)
     return solvers
+
+
+def psnr_cell(c: dict, nfe: int, bold: bool = False) -> str:
+    """A table cell {"psnr", "nfe"}: the PSNR, the calls it really made where they differ from `nfe`, n/a for NaN."""
+    if c["psnr"] != c["psnr"]:
+        return "n/a"
+    text = f"{c['psnr']:.2f}" + (f" ({c['nfe']})" if c["nfe"] != nfe else "")
+    return f"**{text}**" if bold else text
+
+
+def best_peer(res: dict, nfe: int) -> tuple[str, float]:
+    """The best diffusers scheduler among those that spent at most `nfe` network calls."""
+    cells = {k: v[str(nfe)] for k, v in res["diffusers"].items() if v[str(nfe)]["nfe"] <= nfe}
+    name = max(cells, key=lambda k: cells[k]["psnr"])
+    return name, cells[name]["psnr"]

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import diffusers  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import figure_lines, machine, publish, trained, write_json  # noqa: E402  (benchmarks/common.py)
+from common import best_peer, figure_lines, machine, psnr_cell, publish, trained, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.integrations.diffusers import BespokeScheduler  # noqa: E402
@@ -187,27 +187,13 @@ def learned(name: str, flow, out: Path, args) -> dict:
 # --- the report --------------------------------------------------------------------------------------
 
 
-def _cell(c: dict, steps: int, best: bool = False) -> str:
-    if c["psnr"] != c["psnr"]:
-        return "n/a"
-    text = f"{c['psnr']:.2f}" + (f" ({c['nfe']})" if c["nfe"] != steps else "")
-    return f"**{text}**" if best else text
-
-
-def best_peer(res: dict, steps: int) -> tuple[str, float]:
-    """The best diffusers scheduler among those that spent at most `steps` network calls."""
-    cells = {k: v[str(steps)] for k, v in res["diffusers"].items() if v[str(steps)]["nfe"] <= steps}
-    name = max(cells, key=lambda k: cells[k]["psnr"])
-    return name, cells[name]["psnr"]
-
-
 def table(res: dict, steps) -> list[str]:
     lines = ["| solver | " + " | ".join(f"{n} steps" for n in steps) + " |", "|---|" + "---|" * len(steps)]
     for group, prefix in (("diffusers", "diffusers "), ("ours", "bespoke "), ("learned", "")):
         for k, cells in res[group].items():
             label = f"**{k}** (learned, via BespokeScheduler)" if group == "learned" else prefix + k
             lines.append(
-                f"| {label} | " + " | ".join(_cell(cells[str(n)], n, group == "learned") for n in steps) + " |"
+                f"| {label} | " + " | ".join(psnr_cell(cells[str(n)], n, group == "learned") for n in steps) + " |"
             )
     peers = {n: best_peer(res, n) for n in steps}
     lines.append(

@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import diffusers  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import figure_lines, machine, publish, trained, write_json  # noqa: E402  (benchmarks/common.py)
+from common import best_peer, figure_lines, machine, psnr_cell, publish, trained, write_json  # noqa: E402  (benchmarks/common.py)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import bespoke  # noqa: E402
@@ -153,30 +153,18 @@ def run_guidance(weight: float, args) -> dict:
 # --- the report --------------------------------------------------------------------------------------
 
 
-def best_peer(res: dict, nfe: int) -> tuple[str, float]:
-    """The best diffusers scheduler among those that spent at most `nfe` network calls."""
-    cells = {k: v[str(nfe)] for k, v in res["diffusers"].items() if v[str(nfe)]["nfe"] <= nfe}
-    name = max(cells, key=lambda k: cells[k]["psnr"])
-    return name, cells[name]["psnr"]
-
-
 def best_learned(res: dict, nfe: int) -> tuple[str, float]:
     name = max((k for k in res["learned"] if k.startswith("BNS")), key=lambda k: res["learned"][k][str(nfe)]["psnr"])
     return name, res["learned"][name][str(nfe)]["psnr"]
 
 
-def _cell(c: dict, nfe: int, bold: bool = False) -> str:
-    text = f"{c['psnr']:.2f}" + (f" ({c['nfe']})" if c["nfe"] != nfe else "")
-    return f"**{text}**" if bold else text
-
-
 def table(res: dict, nfes) -> list[str]:
     lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
     for k, cells in res["diffusers"].items():
-        lines.append(f"| diffusers {k} | " + " | ".join(_cell(cells[str(n)], n) for n in nfes) + " |")
+        lines.append(f"| diffusers {k} | " + " | ".join(psnr_cell(cells[str(n)], n) for n in nfes) + " |")
     for k, cells in res["learned"].items():
         lines.append(
-            f"| **{k}** (BespokeScheduler) | " + " | ".join(_cell(cells[str(n)], n, True) for n in nfes) + " |"
+            f"| **{k}** (BespokeScheduler) | " + " | ".join(psnr_cell(cells[str(n)], n, True) for n in nfes) + " |"
         )
     peers = {n: best_peer(res, n) for n in nfes}
     lines.append(
