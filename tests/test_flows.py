@@ -276,6 +276,20 @@ def test_condition_with_the_wrong_batch_size():
         flow(0.5, randn(4, 2), labels=torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("guidance", [Guidance(0.0, "fm", {"labels": 10}), Guidance(1.0, "diffusers", {"labels": 10})])
+def test_a_weight_that_makes_guidance_the_conditional_output_skips_the_unconditional_pass(guidance):
+    """w = 0 (fm) or w = 1 (diffusers) is the conditional velocity: one network call on the batch itself (the
+    digit models load this way; before, every call ran the network on twice the batch and threw half away)."""
+    net = CountingNet()
+    flow = bespoke.from_network(net, prediction="velocity", scheduler=CondOT(), guidance=guidance)
+    x, labels, t = randn(8, 2, seed=12), torch.arange(8), torch.full((8,), 0.3, dtype=F64)
+    u = flow(t, x, labels=labels)
+    assert len(net.calls) == 1 and net.calls[0][0].shape == (8, 2)
+    torch.testing.assert_close(u, net(x, t, labels), rtol=0, atol=0)
+    with pytest.raises(BespokeError, match=r"guidance.*needs the condition labels"):
+        flow(t, x)
+
+
 def test_guidance_without_labels():
     flow = bespoke.load_model("zoo:gmm2d", guidance=Guidance(1.0, convention="fm", null={"labels": 3}))
     with pytest.raises(BespokeError, match=r"guidance.*needs the condition labels"):

@@ -74,6 +74,8 @@ def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _coefficients(sched: Scheduler, t: torch.Tensor):
     t = t.to("cpu", torch.float64)  # differentiable: learned solvers train their times through here
+    if t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0:  # one time expanded over the batch: compute it once
+        return tuple(c.expand(t.shape) for c in _coefficients(sched, t[:1]))
     return sched.alpha(t), sched.sigma(t), sched.d_alpha(t), sched.d_sigma(t)
 
 
@@ -162,7 +164,8 @@ def _null_like(value: torch.Tensor, null) -> torch.Tensor:
 
 
 def guided(fn: Callable, guidance: Guidance, required: tuple[str, ...]) -> Callable:
-    """Wrap fn(x, t, **cond) so that it returns the guided output from one batched call."""
+    """Wrap fn(x, t, **cond) so that it returns the guided output from one batched call (a plain call
+    when the weight makes it the conditional output, e.g. w = 0 in the fm convention)."""
 
     def call(x, t, **cond):
         missing = [k for k in required if k not in cond]
@@ -171,6 +174,8 @@ def guided(fn: Callable, guidance: Guidance, required: tuple[str, ...]) -> Calla
                 f"guidance (w={guidance.weight}) needs the condition {', '.join(missing)}; "
                 "pass it to sample(..., labels=...) or build the flow without guidance"
             )
+        if guidance.is_identity:  # the guided output is the conditional one: no unconditional pass
+            return fn(x, t, **cond)
         both = {
             k: torch.cat([v, _null_like(v, guidance.null[k])]) if k in guidance.null else torch.cat([v, v])
             for k, v in cond.items()

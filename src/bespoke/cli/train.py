@@ -11,6 +11,7 @@ OUT.ckpt/; a killed run continues with --resume and ends where an uninterrupted 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from .common import (
     say,
 )
 
-TRAJECTORY = 65  # dense GT times per sample for the Bespoke kinds
+TRAJECTORY = 65  # dense GT times per sample (Bespoke training; BNS's least-squares starts)
 
 
 def register(sub) -> None:
@@ -154,8 +155,8 @@ def _pairs(args, flow, dev):
     """(train, val) slices of the GT cache of --gt, or of OUT.gt/ made here."""
     if args.gt is None:
         num = args.val_samples + (512 if args.train_samples is None else args.train_samples)
-        trajectory = 0 if args.solver == "bns" else TRAJECTORY
         gt_dir = f"{args.out}.gt"
+        trajectory = _trajectory(args.solver, Path(gt_dir))
         say(args, f"ground truth: {num} pairs in {gt_dir} (reused when present) ...")
         cache = bespoke.generate_gt(
             flow, gt_dir, num=num, seed=args.seed, trajectory=trajectory, device=dev, quiet=args.quiet
@@ -172,6 +173,15 @@ def _pairs(args, flow, dev):
             f"`{extend_command(args, cache, need)}` or ask for fewer"
         )
     return cache.slice(v, stop), cache.slice(0, v)
+
+
+def _trajectory(kind: str, gt_dir: Path) -> int:
+    """Dense trajectory times for a GT cache made here: TRAJECTORY, except that BNS (which trains on endpoints
+    alone, only its least-squares starts need trajectories) keeps the setting of a cache already there."""
+    if kind == "bns" and (gt_dir / "manifest.json").is_file():
+        with contextlib.suppress(Exception):  # unreadable: generate_gt gives the precise error
+            return int(json.loads((gt_dir / "manifest.json").read_text()).get("trajectory", 0))
+    return TRAJECTORY
 
 
 def _other_checkpoints(folder: Path, kind: str, nfes) -> list[str]:

@@ -85,8 +85,12 @@ class Dedicated(Solver):
                 f"{self.name} needs the model's Gaussian path (alpha_t, sigma_t), but the flow has "
                 "no scheduler; build it with scheduler=... or use euler, midpoint, heun, rk4 or ipndm"
             )
+        cached = self.__dict__.get("_grid_cache")
+        if cached is not None and cached[0] is scheduler and cached[1] == ode_end:
+            return list(cached[2])  # a log-SNR or EDM grid on a discrete VP path costs a bisection per time
         times = self.grid(self.steps, scheduler, ode_end)
         validate_times(times)
+        self.__dict__["_grid_cache"] = (scheduler, ode_end, tuple(times))
         return times
 
     def sample(self, flow, noise, **cond):

@@ -147,7 +147,7 @@ def train_bespoke(
         flow,
         train,
         val,
-        lambda v: _initial_solver(flow, v, order, nfe, init),
+        lambda _, v: _initial_solver(flow, v, order, nfe, init),
         lambda m, pairs, idx: bespoke_loss(m, flow, pairs, idx, loss=loss, gt=gt, grad_checkpoint=grad_checkpoint),
         config,
         signature={"loss": loss, "gt": gt},

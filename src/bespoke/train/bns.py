@@ -13,6 +13,7 @@ import torch
 from ..errors import BespokeError, NonFiniteVelocity
 from ..solvers import METHODS, Solver, solver
 from ..solvers.bns import BNSSolver
+from .least_squares import has_trajectories, least_squares_coefficients
 from .loop import FitConfig
 from .pairs import cond_of, fit_solver, solver_psnr, training_summary
 
@@ -29,32 +30,44 @@ def init_candidates(flow, nfe: int) -> list[str]:
     return names
 
 
-def select_init(flow, pairs, nfe: int, *, sigma0: float = 1.0, candidates=None, max_pairs: int = 256):
+def select_init(flow, pairs, nfe: int, *, sigma0: float = 1.0, candidates=None, max_pairs: int = 256, train=None):
     """The candidate with the best PSNR on (the first `max_pairs` of) `pairs`, as a BNS solver.
 
-    Returns (solver, {name: psnr}); candidates are solver names (each on its recommended grid). A
-    candidate that cannot run on this flow (e.g. Heun evaluating at the singular data end of a VP
-    path) scores NaN and is passed over; it is an error only if none can run."""
+    Returns (solver, {name: psnr}); candidates are solver names (each on its recommended grid). With
+    `train` pairs that hold dense trajectories, each candidate's time grid also enters with the
+    least-squares coefficients for those times (`NAME+lsq`, see least_squares.py). A candidate that
+    cannot run on this flow (e.g. Heun evaluating at the singular data end of a VP path) scores NaN and
+    is passed over; it is an error only if none can run."""
     candidates = list(candidates or init_candidates(flow, nfe))
     sub = pairs.slice(0, min(max_pairs, len(pairs)))
-    scores, best, failures = {}, None, []
-    for name in candidates:
+    scores, best, failures, grids = {}, None, [], set()
+
+    def consider(name, make):
+        nonlocal best
         try:
-            bns = BNSSolver.from_solver(solver(name, nfe), flow, sigma0=sigma0)
+            bns = make()
             scores[name] = solver_psnr(bns, flow, sub)
         except NonFiniteVelocity as e:
             scores[name] = float("nan")
             failures.append(f"{name}: {e}")
-            continue
+            return None
         if best is None or scores[name] > scores[best[0]]:
             best = (name, bns)
+        return bns
+
+    for name in candidates:
+        bns = consider(name, lambda name=name: BNSSolver.from_solver(solver(name, nfe), flow, sigma0=sigma0))
+        grid = None if bns is None else tuple(round(t, 9) for t in bns.times().tolist())
+        if bns is not None and train is not None and has_trajectories(train) and grid not in grids:
+            grids.add(grid)  # one refit per distinct grid (euler, ddim and midpoint share theirs)
+            consider(f"{bns.init}+lsq", lambda bns=bns: least_squares_coefficients(flow, bns, train))
     if best is None:
         why = "; ".join(failures) if failures else f"no built-in solver takes NFE {nfe} on {flow.name}"
         raise BespokeError(f"no initial solver can run: {why}; choose --init explicitly")
     return best[1], scores
 
 
-def _initial_solver(flow, val, nfe, init, sigma0):
+def _initial_solver(flow, train, val, nfe, init, sigma0, least_squares):
     """init: "auto", a built-in solver name, "KIND:FILE" (a learned solver from a solver file, e.g.
     bespoke-rk2:solver.safetensors), a BNSSolver to continue from, or any other Solver (e.g. a BespokeSolver)."""
     if isinstance(init, BNSSolver):
@@ -62,7 +75,7 @@ def _initial_solver(flow, val, nfe, init, sigma0):
             raise BespokeError(f"the initial BNS solver has NFE {init.nfe}, not {nfe}")
         return init, {}
     if init in (None, "auto", "best"):
-        return select_init(flow, val, nfe, sigma0=sigma0)
+        return select_init(flow, val, nfe, sigma0=sigma0, train=train if least_squares else None)
     if isinstance(init, str) and ":" in init:
         init = _learned_from_file(init, nfe, flow)
     start = init if isinstance(init, Solver) else solver(init, nfe)
@@ -93,6 +106,7 @@ def train_bns(
     *,
     init="auto",
     sigma0: float = 1.0,
+    least_squares: bool = True,
     config: FitConfig | None = None,
     checkpoint=None,
     grad_checkpoint: bool = False,
@@ -102,7 +116,9 @@ def train_bns(
     """A BNS solver for `flow` at `nfe`, trained on the `train` pairs and selected on the `val` pairs.
 
     train, val: ground-truth pairs (`GTCache` or its `slice`s) with .noise, .samples, .labels.
-    init:       "auto" (the best dedicated solver on val), a built-in solver name, or a BNSSolver.
+    init:       "auto" (the best on val of every dedicated solver and, when `train` holds dense
+                trajectories and least_squares is on, of each one's times with least-squares coefficients:
+                least_squares.py), a built-in solver name, or a BNSSolver.
     checkpoint: a path; the run saves there at every validation and resumes from it if it exists.
     device:     where the flow runs (the pairs and the solver's parameters are moved there).
     The returned solver carries `training_summary` (validation PSNR at init and best, iterations,
@@ -118,10 +134,10 @@ def train_bns(
         flow,
         train,
         val,
-        lambda v: _initial_solver(flow, v, nfe, init, sigma0),
+        lambda t, v: _initial_solver(flow, t, v, nfe, init, sigma0, least_squares),
         log_mse,
         config,
-        signature={"sigma0": sigma0},
+        signature={"sigma0": sigma0, "least_squares": least_squares},
         checkpoint=checkpoint,
         device=device,
         quiet=quiet,

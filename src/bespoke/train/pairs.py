@@ -78,7 +78,7 @@ def training_summary(objective: str, init: str, init_scores: dict, train, val, r
 def fit_solver(flow, train, val, initial, batch_loss, config, *, signature, checkpoint=None, device=None, quiet=False):
     """The training every learned solver kind shares, around `loop.fit`.
 
-    initial(val) -> (module, {candidate: psnr}) chooses the starting solver; batch_loss(m, train, idx) is
+    initial(train, val) -> (module, {candidate: psnr}) chooses the starting solver; batch_loss(m, train, idx) is
     the mean loss over training pairs idx. Moves data and solver to `device`, caps the learning rate by
     the start's error, selects on validation PSNR, and runs the optional L-BFGS polish on the whole
     training set chunk by chunk. Returns (module holding its best parameters, FitResult, scores, config).
@@ -88,7 +88,7 @@ def fit_solver(flow, train, val, initial, batch_loss, config, *, signature, chec
         raise BespokeError("training needs at least one training and one validation pair")
     if device is not None:
         train, val = to_device(train, device), to_device(val, device)
-    module, init_scores = initial(val)
+    module, init_scores = initial(train, val)
     config = dataclasses.replace(config, lr=capped_learning_rate(config.lr, module, flow, val))
     if device is not None:
         module.to(device)
