@@ -7,10 +7,10 @@ Per model: a GT cache with dense trajectories (seed 0; validation = pairs 0..val
 `train`). Per NFE, all scored by mean per-sample PSNR on the same validation pairs:
   screen   every start the BNS family offers, without training: each dedicated solver, and its times
            with least-squares coefficients (`train/least_squares.py`), at every preconditioning sigma0
-  old      the previous default: the best dedicated solver, then 300 Adam steps
-  new      the default of `bespoke train` now (FitConfig(), least-squares starts included)
-  long     (--long-nfe) from the best start of the screen, Adam for --long-iterations with patience,
-           then L-BFGS polish on the training pairs: the ceiling estimate
+  new      the default of `bespoke train --solver bns` now (least-squares starts, BNS_ITERATIONS Adam steps)
+  long     (--long-nfe) from the best start of the screen (the default's solver when it is the same start),
+           Adam for --long-iterations more steps with patience (optionally L-BFGS polish): the ceiling estimate
+  old      (--old-nfe) the previous default: the best dedicated solver, then 300 Adam steps
 Each run is checkpointed and its result cached under --cache, so a killed run resumes and a re-run only
 re-renders. Writes its section of docs/benchmarks.md and docs/img/bns_ceiling.png (validation PSNR
 against training steps, one curve per run).
@@ -19,7 +19,6 @@ against training steps, one curve per run).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -37,12 +36,14 @@ from bespoke.errors import BespokeError  # noqa: E402
 from bespoke.solvers.bns import BNSSolver  # noqa: E402
 from bespoke.solvers.files import load_solvers, save_solvers  # noqa: E402
 from bespoke.train import generate_gt  # noqa: E402
-from bespoke.train.bns import select_init, train_bns  # noqa: E402
+from bespoke.train.bns import BNS_ITERATIONS, select_init, train_bns  # noqa: E402
 from bespoke.train.loop import FitConfig  # noqa: E402
 from bespoke.train.pairs import solver_psnr  # noqa: E402
 
 MARK = "bns_ceiling"
-OLD = FitConfig(iterations=300)  # the recipe before this study: dedicated start, 300 Adam steps
+REPORT_ONLY = False  # --report-only: render what has finished, train nothing
+OLD = FitConfig(iterations=300)  # the default before this study, from the best dedicated solver
+RUNS = ("old", "new", "long")
 
 
 def cached(path: Path, make):
@@ -88,13 +89,18 @@ def movement(start: BNSSolver, end: BNSSolver) -> dict:
         return {"times_max_abs": float((t1 - t0).abs().max()), "coef_rel": float((c1 - c0).norm() / c0.norm())}
 
 
+class NotRun(Exception):
+    """--report-only: a run that has not finished is left out of the report."""
+
+
 def run(flow, train, val, nfe, out: Path, tag: str, init, sigma0: float, config, least_squares=True) -> dict:
     """One training run, resumable (checkpoint) and cached (solver file + JSON)."""
     done = out / f"{tag}-{nfe}.json"
     if done.exists():
         return json.loads(done.read_text())
+    if REPORT_ONLY:
+        raise NotRun(done)
     file = out / f"{tag}-{nfe}.safetensors"
-    start = init if isinstance(init, BNSSolver) else None
     s = train_bns(
         flow,
         train,
@@ -108,8 +114,6 @@ def run(flow, train, val, nfe, out: Path, tag: str, init, sigma0: float, config,
         quiet=True,
     )
     save_solvers(file, {nfe: s}, flow)
-    if start is None:  # the start it chose, rebuilt
-        start = start_solver(flow, nfe, sigma0, s.init, train, val)
     t = s.training_summary
     return write_json(
         done,
@@ -123,57 +127,87 @@ def run(flow, train, val, nfe, out: Path, tag: str, init, sigma0: float, config,
             "iterations": t["iterations"],
             "history": t["history"],
             "lr": t["config"]["lr"],
-            **movement(start, load_solvers(file, flow=flow)[nfe]),
         },
     )
 
 
-def run_model(name: str, args) -> dict:
-    out = args.cache / name
+def pairs_of(name: str, args):
     flow = bespoke.load_model(f"zoo:{name}")
+    out = args.cache / name
     gt = generate_gt(flow, out / "gt", num=args.val + args.train, shard_size=128, trajectory=33, quiet=args.quiet)
-    val, train = gt.slice(0, args.val), gt.slice(args.val, args.val + args.train)
-    endpoints = dataclasses.replace(train, trajectory_states=None, trajectory_velocities=None)
+    return flow, out, gt.slice(args.val, args.val + args.train), gt.slice(0, args.val)
+
+
+def run_model(name: str, args, long: bool) -> dict:
+    """Screen and the default at every NFE; with `long`, the long runs too (a second pass, after every model's
+    default, so that a time-limited run has the defaults of all models first)."""
+    flow, out, train, val = pairs_of(name, args)
     res = {"model": name, "val": len(val), "train": len(train), "nfe": {}}
     for nfe in args.nfe:
         cell = res["nfe"][str(nfe)] = {}
-        cell["screen"] = cached(out / f"screen-{nfe}.json", lambda n=nfe: screen(flow, train, val, n, args.sigma0))
-        plain = {k: v for k, v in cell["screen"]["1.0"].items() if not k.endswith("+lsq")}
-        cell["dedicated"] = max(plain.items(), key=lambda kv: kv[1])
-        cell["old"] = run(flow, endpoints, val, nfe, out, "old", "auto", 1.0, OLD, least_squares=False)
-        cell["new"] = run(flow, train, val, nfe, out, "new", "auto", 1.0, FitConfig())
-        if nfe in args.long_nfe:
-            sigma0, start, _ = best_start(cell["screen"])
-            config = FitConfig(
-                iterations=args.long_iterations,
-                val_every=50,
-                patience=args.patience,
-                polish_steps=args.polish_steps,
-            )
-            init = start_solver(flow, nfe, sigma0, start, train, val)
-            cell["long"] = run(flow, train, val, nfe, out, "long", init, sigma0, config)
-        runs = {k: cell[k] for k in ("old", "new", "long") if k in cell}
+        try:
+            if REPORT_ONLY and not (out / f"screen-{nfe}.json").exists():
+                raise NotRun(nfe)
+            cell["screen"] = cached(out / f"screen-{nfe}.json", lambda n=nfe: screen(flow, train, val, n, args.sigma0))
+            plain = {k: v for k, v in cell["screen"]["1.0"].items() if not k.endswith("+lsq")}
+            cell["dedicated"] = max(plain.items(), key=lambda kv: kv[1])
+            cell["new"] = run(flow, train, val, nfe, out, "new", "auto", 1.0, FitConfig(iterations=BNS_ITERATIONS))
+        except NotRun:
+            del res["nfe"][str(nfe)]
+            continue
+        try:
+            if long and nfe in args.long_nfe:
+                cell["long"] = long_run(flow, train, val, nfe, out, cell, args)
+            if long and nfe in args.old_nfe:  # the previous default: no least-squares starts, 300 steps
+                cell["old"] = run(flow, train, val, nfe, out, "old", "auto", 1.0, OLD, least_squares=False)
+        except NotRun:
+            pass
+        runs = {k: cell[k] for k in RUNS if k in cell}
+        for k, r in runs.items() if long else ():  # how far from the untrained start, rebuilt (training moves
+            start = start_solver(flow, nfe, r["sigma0"], r["init"], train, val)  # a start it is given in place)
+            r.update(movement(start, load_solvers(out / f"{k}-{nfe}.safetensors", flow=flow)[nfe]))
         best = max(runs, key=lambda k: runs[k]["val"])
         cell["ceiling"] = {"run": best, **{k: runs[best][k] for k in ("val", "init", "sigma0")}}
-        write_json(out / "results.json", res)
     return res
+
+
+def long_run(flow, train, val, nfe: int, out: Path, cell: dict, args) -> dict:
+    """From the best untrained start of the screen (the default's trained solver when that is its start too),
+    Adam for --long-iterations more steps with patience."""
+    sigma0, start, _ = best_start(cell["screen"])
+    if sigma0 == 1.0 and start == cell["new"]["init"]:
+        init = load_solvers(out / f"new-{nfe}.safetensors", flow=flow)[nfe]
+    else:
+        init = start_solver(flow, nfe, sigma0, start, train, val)
+    config = FitConfig(
+        iterations=args.long_iterations, val_every=50, patience=args.patience, polish_steps=args.polish_steps
+    )
+    result = run(flow, train, val, nfe, out, "long", init, sigma0, config)
+    if init.training_summary:  # a continuation: its curve starts where the default's ended
+        result = {**result, "continued": cell["new"]["iterations"]}
+    return result
 
 
 def table(res: dict) -> list[str]:
     head = (
-        "| NFE | best dedicated | best untrained start (σ₀) | old default (300 steps) | new default | long run "
-        "(steps) | ceiling | new − ceiling | ceiling − dedicated |"
+        "| NFE | best dedicated | best untrained start (σ₀) | old default | new default | long run (steps) | "
+        "ceiling | new − ceiling | new − dedicated | ceiling − dedicated |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for nfe, c in res["nfe"].items():
         sigma0, start, score = best_start(c["screen"])
         long = c.get("long")
-        long_txt = f"{long['val']:.2f} ({long['iterations']})" if long else "–"
-        ceil = c["ceiling"]["val"]
+        new, ded = c["new"]["val"], c["dedicated"][1]
+        old_txt = f"{c['old']['val']:.2f}" if "old" in c else "–"
+        if long:  # the ceiling estimate: the best of all runs
+            ceil = c["ceiling"]["val"]
+            long_txt = f"{long['val']:.2f} ({long['iterations']})"
+            rest = f"{ceil:.2f} | {new - ceil:+.2f} | {new - ded:+.2f} | {ceil - ded:+.2f}"
+        else:
+            long_txt, rest = "not run", f"– | – | {new - ded:+.2f} | –"
         lines.append(
-            f"| {nfe} | {c['dedicated'][1]:.2f} ({c['dedicated'][0]}) | {score:.2f} ({start}, {sigma0:g}) | "
-            f"{c['old']['val']:.2f} | **{c['new']['val']:.2f}** | {long_txt} | {ceil:.2f} | "
-            f"{c['new']['val'] - ceil:+.2f} | {ceil - c['dedicated'][1]:+.2f} |"
+            f"| {nfe} | {ded:.2f} ({c['dedicated'][0]}) | {score:.2f} ({start}, {sigma0:g}) | {old_txt} | "
+            f"**{new:.2f}** | {long_txt} | {rest} |"
         )
     return lines
 
@@ -184,7 +218,7 @@ def details(res: dict) -> list[str]:
         "|" + "---|" * 9,
     ]
     for nfe, c in res["nfe"].items():
-        for k in ("old", "new", "long"):
+        for k in RUNS:
             if k not in c:
                 continue
             r = c[k]
@@ -221,9 +255,10 @@ def plot(results: list[dict], path: Path) -> None:
             if c is None:
                 ax.axis("off")
                 continue
-            for k in ("old", "new", "long"):
+            for k in RUNS:
                 if k in c:
                     steps, vals = zip(*c[k]["history"])
+                    steps = [i + c[k].get("continued", 0) for i in steps]
                     ax.plot(steps, vals, marker=".", color=colours[k], label=f"{k} ({c[k]['init']})")
             ax.axhline(c["dedicated"][1], color="black", ls=":", lw=1, label=f"best dedicated ({c['dedicated'][0]})")
             ax.set_title(f"zoo:{res['model']}, NFE {nfe}", fontsize=10)
@@ -244,6 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", default="4,8,16")
     ap.add_argument("--long-nfe", default="8,16")
     ap.add_argument("--long-iterations", type=int, default=1200)
+    ap.add_argument("--old-nfe", default="16", help="NFEs at which the previous default runs too")
     ap.add_argument("--patience", type=int, default=6, help="validations (every 50 steps) without improvement")
     ap.add_argument("--polish-steps", type=int, default=10)
     ap.add_argument("--sigma0", default="1,2,5")
@@ -252,32 +288,41 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(".bench-cache/ceiling"))
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="render the runs that have finished; train nothing")
     args = ap.parse_args(argv)
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     args.nfe = [int(n) for n in args.nfe.split(",")]
     args.long_nfe = [int(n) for n in args.long_nfe.split(",") if n]
+    args.old_nfe = [int(n) for n in args.old_nfe.split(",") if n]
     args.sigma0 = [float(s) for s in args.sigma0.split(",")]
     started = time.perf_counter()
-    results = [run_model(m, args) for m in args.models.split(",")]
+    models = args.models.split(",")
+    results = [run_model(m, args, long=False) for m in models]
+    results = [r for r in (run_model(m, args, long=True) for m in models) if r["nfe"]]
     cmd = (
         f"python benchmarks/bns_ceiling.py --models {args.models} --nfe {','.join(map(str, args.nfe))} "
         f"--long-nfe {','.join(map(str, args.long_nfe))} --long-iterations {args.long_iterations} "
+        f"--old-nfe {','.join(map(str, args.old_nfe))} "
         f"--patience {args.patience} --polish-steps {args.polish_steps} "
         f"--sigma0 {','.join(f'{s:g}' for s in args.sigma0)} "
         f"--val {args.val} --train {args.train}"
     )
-    new = FitConfig()
     lines = [
         "## How far BNS goes: the ceiling on the digit models, and the default against it",
         "",
         f"Command: `{cmd}` · machine: {machine()}, no GPU.",
         "",
         f"Mean per-sample PSNR on {args.val} validation pairs against dopri5 (rtol = atol = 1e-5), training on "
-        f"{args.train} other pairs (GT with 33-point dense trajectories). *Old default*: the best dedicated solver, "
-        f"then {OLD.iterations} Adam steps (batch {OLD.batch_size}). *New default* (what `bespoke train` does now): "
-        "the best start among the dedicated solvers and their least-squares refits (`train/least_squares.py`: each "
-        f"step's coefficients fitted in closed form along the solver's own states), then {new.iterations} Adam steps. "
-        "*Long run*: from the best untrained start of the screen (any σ₀), Adam with patience, then L-BFGS polish "
-        "on the training pairs. The *ceiling* is the best validation PSNR of all runs.",
+        f"{args.train} other pairs (GT with 33-point dense trajectories). *New default* (what `bespoke train` does "
+        "now): the best start among the dedicated solvers and their least-squares refits "
+        "(`train/least_squares.py`: each "
+        f"step's coefficients fitted in closed form along the solver's own states), then {BNS_ITERATIONS} Adam steps "
+        f"(batch {FitConfig.batch_size}). "
+        "*Long run*: from the best untrained start of the screen (any σ₀; the new default's solver when that is its "
+        "start), Adam with patience (and L-BFGS polish if asked). *Old default*: the best dedicated solver, then "
+        f"{OLD.iterations} Adam steps. The *ceiling* is the best validation PSNR of all runs: a lower bound on what "
+        "the family can reach.",
     ]
     for res in results:
         lines += ["", f"### `zoo:{res['model']}`", ""] + table(res)

@@ -1,4 +1,4 @@
-"""BNS least-squares starts (train/least_squares.py) and the time learning rate, on the exact zoo:gmm2d flow."""
+"""BNS least-squares starts (train/least_squares.py), on the exact zoo:gmm2d flow."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from bespoke.solvers.bns import BNSSolver
 from bespoke.train import generate_gt
 from bespoke.train.bns import select_init, train_bns
 from bespoke.train.least_squares import least_squares_coefficients
-from bespoke.train.loop import FitConfig, fit
+from bespoke.train.loop import FitConfig
 from bespoke.train.pairs import solver_psnr
 from helpers import Killed, killing_flow
 
@@ -90,20 +90,3 @@ def test_a_killed_run_from_a_least_squares_start_resumes_bit_identical(flow, pai
     for (k, p), q in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), k
     assert resumed.training_summary["history"] == ref.training_summary["history"]
-
-
-def test_the_times_take_their_own_learning_rate(flow):
-    """Adam's first step moves every parameter by its learning rate: the times' is time_lr_ratio x the others'."""
-    moves = {}
-    for ratio in (1.0, 10.0):
-        s = BNSSolver.from_solver(bespoke.solver("euler", 4), flow)
-        log_dt, a = s.log_dt.detach().clone(), s.a.detach().clone()
-        cfg = FitConfig(iterations=1, lr=1e-3, warmup=1, val_every=1, backtrack_db=0, time_lr_ratio=ratio)
-        loss = lambda m, it: sum((p - 0.3).pow(2).sum() for p in m.parameters())  # noqa: E731
-        steps = iter([0.0, 1.0])  # the initial validation, then a better one: the step is kept
-        fit(s, loss, lambda m, v=steps: next(v), cfg, quiet=True)
-        moves[ratio] = ((s.log_dt - log_dt).abs().max().item(), (s.a - a).abs().max().item())
-    assert moves[1.0][0] == pytest.approx(1e-3, rel=1e-4) and moves[1.0][1] == pytest.approx(1e-3, rel=1e-4)
-    assert moves[10.0][0] == pytest.approx(1e-2, rel=1e-4) and moves[10.0][1] == pytest.approx(1e-3, rel=1e-4)
-    with pytest.raises(bespoke.BespokeError, match="time_lr_ratio"):
-        FitConfig(time_lr_ratio=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 import bespoke
 from bespoke import BespokeError, budget, distributed
 from bespoke.solvers.files import KINDS
+from bespoke.train.bns import BNS_ITERATIONS
 
 from .common import (
     add_model_args,
@@ -34,6 +35,7 @@ from .common import (
 )
 
 TRAJECTORY = 65  # dense GT times per sample (Bespoke training; BNS's least-squares starts)
+BESPOKE_ITERATIONS = 300
 
 
 def register(sub) -> None:
@@ -63,7 +65,13 @@ def register(sub) -> None:
     p.add_argument(
         "--train-samples", type=positive_int, default=None, help="training pairs (default 512; with --gt: the rest)"
     )
-    p.add_argument("--iterations", type=positive_int, default=300, help="Adam iterations per solver (default 300)")
+    p.add_argument(
+        "--iterations",
+        type=positive_int,
+        default=None,
+        help=f"Adam iterations per solver (default {BNS_ITERATIONS} for bns, after its least-squares start; "
+        f"{BESPOKE_ITERATIONS} for bespoke-rk*)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=40, help="pairs per iteration (default 40)")
     p.add_argument("--lr", type=finite_float, default=1e-2, help="peak learning rate (default 1e-2)")
     p.add_argument(
@@ -207,7 +215,8 @@ def cmd_train(args) -> int:
     flow = load_flow(args)
     check_training_budget(flow, args.nfe, max(args.batch_size, args.val_samples), dev)
     train, val = _pairs(args, flow, dev)
-    config = bespoke.FitConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    iterations = args.iterations or (BNS_ITERATIONS if args.solver == "bns" else BESPOKE_ITERATIONS)
+    config = bespoke.FitConfig(iterations=iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     solvers = train_file(
         flow,
         args.solver,

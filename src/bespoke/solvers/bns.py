@@ -156,10 +156,6 @@ class BNSSolver(Learned):
     def times(self) -> torch.Tensor:
         return pinned_times(self.log_dt, self.t_ends)
 
-    def time_parameters(self) -> list[nn.Parameter]:
-        """The parameters that place the times (training may give them their own learning rate)."""
-        return [self.log_dt]
-
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.times(), self.a, self.b * self.mask
 

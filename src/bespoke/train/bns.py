@@ -17,7 +17,10 @@ from .least_squares import has_trajectories, least_squares_coefficients
 from .loop import FitConfig
 from .pairs import cond_of, fit_solver, solver_psnr, training_summary
 
-__all__ = ["train_bns", "init_candidates", "select_init"]
+__all__ = ["train_bns", "init_candidates", "select_init", "BNS_ITERATIONS"]
+
+# Adam steps after the least-squares start (benchmarks/bns_ceiling.py): the start brings most of the gain
+BNS_ITERATIONS = 150
 
 
 def init_candidates(flow, nfe: int) -> list[str]:

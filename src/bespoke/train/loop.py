@@ -40,7 +40,6 @@ class FitConfig:
     backtrack_db: float = 1.0  # a validation this far below the best: back to the best, halve the lr (0 = off)
     polish_steps: int = 0  # then L-BFGS steps on the whole training set ...
     polish_evals: int = 5  # ... of at most this many loss evaluations each
-    time_lr_ratio: float = 1.0  # the learning rate of a solver's time parameters (`time_parameters()`) / lr
 
     def __post_init__(self):
         for name, low in (
@@ -53,8 +52,6 @@ class FitConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise BespokeError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not (self.time_lr_ratio > 0):
-            raise BespokeError(f"time_lr_ratio must be > 0, got {self.time_lr_ratio}")
         if not (self.lr > 0 and 0 < self.final_lr_ratio <= 1):
             raise BespokeError(f"lr must be > 0 and final_lr_ratio in (0, 1]; got {self.lr}, {self.final_lr_ratio}")
 
@@ -171,7 +168,7 @@ def fit(
     """
     signature = {**(signature or {}), "config": asdict(config)}
     params = [p for p in module.parameters() if p.requires_grad]
-    adam = torch.optim.Adam(_groups(module, params, config.time_lr_ratio), lr=config.lr)
+    adam = torch.optim.Adam(params, lr=config.lr)
     lbfgs = torch.optim.LBFGS(
         params, lr=1.0, max_iter=config.polish_evals, history_size=20, line_search_fn="strong_wolfe"
     )
@@ -239,7 +236,7 @@ def fit(
         it = run["step"]
         if it < config.iterations and not run["stopped_early"]:  # phase 1: Adam on mini-batches
             for group in adam.param_groups:
-                group["lr"] = config.learning_rate(it) * run["lr_factor"] * group["lr_ratio"]
+                group["lr"] = config.learning_rate(it) * run["lr_factor"]
             adam.zero_grad(set_to_none=True)
             loss = loss_fn(module, it)
             _check_finite(loss, it)
@@ -296,19 +293,6 @@ _RUN_KEYS = (
     "stopped_early",
     "lr_factor",
 )
-
-
-def _groups(module, params: list, time_lr_ratio: float) -> list[dict]:
-    """Adam's parameter groups: the solver's time parameters at time_lr_ratio x the learning rate, the rest at 1x.
-
-    Adam moves every parameter by about lr per step, but the output is far less sensitive to a time's
-    log-increment than to a coefficient, so at one shared (error-capped) lr the times hardly move."""
-    times = {id(p) for p in getattr(module, "time_parameters", list)()}
-    groups = [
-        {"params": [p for p in params if id(p) not in times], "lr_ratio": 1.0},
-        {"params": [p for p in params if id(p) in times], "lr_ratio": float(time_lr_ratio)},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def _check_finite(loss: torch.Tensor, it: int) -> None:
