@@ -93,7 +93,7 @@ def make_solver(kind: str, nfe: int, flow):
     return s
 
 
-def solver_cell(kind: str, nfe: int, flow, noise, labels, args, forward: float) -> dict:
+def solver_cell(kind: str, nfe: int, flow, noise, labels, args, bare) -> dict:
     """{"ratio", "nfe", "seconds"} of solver `kind` at `nfe` (NFE counted on the flow), ratio NaN if it cannot run."""
     try:
         s = make_solver(kind, nfe, flow)
@@ -105,8 +105,10 @@ def solver_cell(kind: str, nfe: int, flow, noise, labels, args, forward: float) 
             run()
     except NonFiniteVelocity:  # e.g. heun, rk4 evaluate at t = 1, where a VP path is singular
         return {"ratio": float("nan"), "nfe": None}
-    seconds = median_seconds(run, args.repeats)
-    return {"ratio": seconds / (c.nfe * forward), "nfe": c.nfe, "seconds": seconds}
+    before = median_seconds(bare, args.repeats)  # the bare forward timed next to the solver, before and after:
+    seconds = median_seconds(run, args.repeats)  # the machine's speed drifts over minutes, a ratio must not
+    forward = (before + median_seconds(bare, args.repeats)) / 2
+    return {"ratio": seconds / (c.nfe * forward), "nfe": c.nfe, "seconds": seconds, "forward": forward}
 
 
 def run_model(name: str, args) -> dict:
@@ -117,10 +119,11 @@ def run_model(name: str, args) -> dict:
     with torch.no_grad():
         net, a, k, net_batch = bare_forward(flow, noise, labels)  # its two flow calls warm up the flow call
         net(*a, **k)  # the bare forward's own warm-up (its batch may differ from the adapter's)
-        forward = median_seconds(lambda: net(*a, **k), 3 * args.repeats)
+        bare = lambda: net(*a, **k)  # noqa: E731
+        forward = median_seconds(bare, 3 * args.repeats)
         call = median_seconds(lambda: flow(T_PROBE, noise, labels=labels), 3 * args.repeats)
         for kind in (*SOLVER_NAMES, *LEARNED):
-            cells[kind] = {n: solver_cell(kind, n, flow, noise, labels, args, forward) for n in args.nfe}
+            cells[kind] = {n: solver_cell(kind, n, flow, noise, labels, args, bare) for n in args.nfe}
             print(name, kind, " ".join(f"{c['ratio']:.3f}" for c in cells[kind].values()), flush=True)
     return {"model": name, "forward": forward, "call": call, "net_batch": net_batch, "cells": cells}
 
@@ -163,8 +166,9 @@ def main(argv=None) -> int:
         f"Command: `{cmd}` · machine: {machine()}, no GPU.",
         "",
         f"Ratio = median time of one `solver.sample` of {args.batch} samples / (NFE x median time of one bare network "
-        f"forward at batch {args.batch}), under torch.no_grad(), after one warm-up, median of {args.repeats} runs "
-        f"(the forward: of {3 * args.repeats}); 1.00 = no cost beyond the network calls, goal <= 1.02. The bare "
+        f"forward at batch {args.batch}), under torch.no_grad(), after one warm-up, median of {args.repeats} runs, "
+        "the forward timed just before and just after each solver (the mean of the two medians); 1.00 = no cost "
+        "beyond the network calls, goal <= 1.02. The bare "
         "forward is the model's network called directly with the inputs the flow adapter gives it (time input, "
         "labels). Built-in solvers at the largest NFE they take (in brackets where it differs from the column); "
         "BNS from midpoint (euler at an odd NFE) with a dense lower-triangular b; `bns σ0=2`: preconditioned "
