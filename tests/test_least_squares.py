@@ -90,3 +90,17 @@ def test_a_killed_run_from_a_least_squares_start_resumes_bit_identical(flow, pai
     for (k, p), q in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), k
     assert resumed.training_summary["history"] == ref.training_summary["history"]
+
+
+def test_bespoke_train_gives_bns_trajectories_unless_they_would_be_too_large(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from bespoke.cli import train as cli
+
+    args = SimpleNamespace(solver="bns", quiet=False)
+    digits, latents = SimpleNamespace(sample_shape=(1, 16, 16)), SimpleNamespace(sample_shape=(4, 64, 64))
+    assert cli._trajectory(args, digits, 768, tmp_path / "a.gt") == cli.TRAJECTORY
+    assert cli._trajectory(args, latents, 768, tmp_path / "a.gt") == 0  # 6.5 GiB of trajectories
+    assert "dedicated solvers only" in capsys.readouterr().err
+    rk2 = SimpleNamespace(solver="bespoke-rk2", quiet=False)
+    assert cli._trajectory(rk2, latents, 768, tmp_path / "a.gt") == cli.TRAJECTORY  # it cannot train without them

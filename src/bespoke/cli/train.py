@@ -164,7 +164,7 @@ def _pairs(args, flow, dev):
     if args.gt is None:
         num = args.val_samples + (512 if args.train_samples is None else args.train_samples)
         gt_dir = f"{args.out}.gt"
-        trajectory = _trajectory(args.solver, Path(gt_dir))
+        trajectory = _trajectory(args, flow, num, Path(gt_dir))
         say(args, f"ground truth: {num} pairs in {gt_dir} (reused when present) ...")
         cache = bespoke.generate_gt(
             flow, gt_dir, num=num, seed=args.seed, trajectory=trajectory, device=dev, quiet=args.quiet
@@ -183,12 +183,22 @@ def _pairs(args, flow, dev):
     return cache.slice(v, stop), cache.slice(0, v)
 
 
-def _trajectory(kind: str, gt_dir: Path) -> int:
-    """Dense trajectory times for a GT cache made here: TRAJECTORY, except that BNS (which trains on endpoints
-    alone, only its least-squares starts need trajectories) keeps the setting of a cache already there."""
-    if kind == "bns" and (gt_dir / "manifest.json").is_file():
+BNS_TRAJECTORY_BYTES = 2 << 30  # above this, BNS's GT keeps endpoints only (no least-squares starts)
+
+
+def _trajectory(args, flow, num: int, gt_dir: Path) -> int:
+    """Dense trajectory times for a GT cache made here: TRAJECTORY. BNS trains on endpoints alone (only its
+    least-squares starts need trajectories), so it keeps the setting of a cache already there, and does without
+    them where they would take more than BNS_TRAJECTORY_BYTES (large latents)."""
+    if args.solver != "bns":
+        return TRAJECTORY
+    if (gt_dir / "manifest.json").is_file():
         with contextlib.suppress(Exception):  # unreadable: generate_gt gives the precise error
             return int(json.loads((gt_dir / "manifest.json").read_text()).get("trajectory", 0))
+    size = num * math.prod(flow.sample_shape) * 4 * 2 * TRAJECTORY  # states and velocities in float32
+    if size > BNS_TRAJECTORY_BYTES:
+        say(args, f"dense trajectories would take {size / 2**30:.1f} GiB: BNS starts from dedicated solvers only")
+        return 0
     return TRAJECTORY
 
 
