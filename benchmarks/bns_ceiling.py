@@ -71,7 +71,7 @@ def best_start(scores: dict) -> tuple[float, str, float]:
     return max(cells, key=lambda c: c[2])
 
 
-def start_solver(flow, nfe: int, sigma0: float, start: str, train, val) -> BNSSolver:
+def start_solver(flow, nfe: int, sigma0: float, start: str, train) -> BNSSolver:
     name = start.split("[")[0]
     bns = BNSSolver.from_solver(bespoke.solver(name, nfe), flow, sigma0=sigma0)
     if start.endswith("+lsq"):
@@ -164,7 +164,7 @@ def run_model(name: str, args, long: bool) -> dict:
             pass
         runs = {k: cell[k] for k in RUNS if k in cell}
         for k, r in runs.items() if long else ():  # how far from the untrained start, rebuilt (training moves
-            start = start_solver(flow, nfe, r["sigma0"], r["init"], train, val)  # a start it is given in place)
+            start = start_solver(flow, nfe, r["sigma0"], r["init"], train)  # a start it is given in place)
             r.update(movement(start, load_solvers(out / f"{k}-{nfe}.safetensors", flow=flow)[nfe]))
         best = max(runs, key=lambda k: runs[k]["val"])
         cell["ceiling"] = {"run": best, **{k: runs[best][k] for k in ("val", "init", "sigma0")}}
@@ -178,7 +178,7 @@ def long_run(flow, train, val, nfe: int, out: Path, cell: dict, args) -> dict:
     if sigma0 == 1.0 and start == cell["new"]["init"]:
         init = load_solvers(out / f"new-{nfe}.safetensors", flow=flow)[nfe]
     else:
-        init = start_solver(flow, nfe, sigma0, start, train, val)
+        init = start_solver(flow, nfe, sigma0, start, train)
     config = FitConfig(
         iterations=args.long_iterations, val_every=50, patience=args.patience, polish_steps=args.polish_steps
     )
