@@ -61,26 +61,29 @@ def least_squares_coefficients(
     n = len(times) - 1
     inner, _ = gt_at(pairs, idx, t[1:-1])
     target = torch.cat([inner.to(noise.dtype), pairs.samples[idx].to(noise.dtype)[:, None]], 1)  # x(t_1)..x(t_n)
-    features = [s[0] * noise]  # x_bar_0, then u_bar_0, u_bar_1, ...
-    x = solver.start_scale * features[0]
+    x0_bar = s[0] * noise
+    f = torch.empty(n + 1, x0_bar.numel(), dtype=torch.float64, device=noise.device)  # x_bar_0, u_bar_0, u_bar_1..
+    f[0] = x0_bar.flatten()
+    gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)  # <f_k, f_l>, one row and column more per step
+    gram[0, 0] = f[0] @ f[0]
+    x = solver.start_scale * x0_bar
     a, b = torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         with torch.no_grad():  # u_bar_i = (s'/s) x_bar + t' s u(t, x_bar / s), the network in chunks
             u = torch.cat([flow(t[i], xc / s[i], **_rows(cond, c)) for c, xc in _chunks(x, chunk)])
-        features.append((ds[i] / s[i]) * x + dt[i] * s[i] * u)
-        f = torch.stack(features).flatten(1).double()  # (i + 2, pairs * D)
-        gram = f @ f.T
-        gram += ridge * gram.diagonal().mean() * torch.eye(i + 2, dtype=gram.dtype)
-        row = torch.linalg.solve(gram, f @ (s[i + 1] * target[:, i]).flatten().double())
+        f[i + 1] = ((ds[i] / s[i]) * x + dt[i] * s[i] * u).flatten()
+        gram[i + 1, : i + 2] = gram[: i + 2, i + 1] = (f[: i + 2] @ f[i + 1]).cpu()
+        g = gram[: i + 2, : i + 2]
+        g = g + ridge * g.diagonal().mean() * torch.eye(i + 2, dtype=g.dtype)
+        row = torch.linalg.solve(g, (f[: i + 2] @ (s[i + 1] * target[:, i]).flatten().double()).cpu())
         a[i], b[i, : i + 1] = row[0], row[1:]
-        x = (row[:, None] * f).sum(0).reshape(x.shape).to(x.dtype)  # every pair's x_bar_{i+1}
+        x = (row.to(f.device) @ f[: i + 2]).reshape(x.shape).to(x.dtype)  # every pair's x_bar_{i+1}
     fitted = BNSSolver(
         times.double(), a, b, start_scale=solver.start_scale, sigma0=solver.sigma0, init=f"{solver.init}+lsq"
     )
     with torch.no_grad():  # the very same times: the raw parameters, not their round trip through the grid
         fitted.log_dt.copy_(solver.log_dt)
-    fitted.model_fingerprint, fitted.model_guidance = solver.model_fingerprint, solver.model_guidance
-    return fitted.to(solver.a.device)
+    return fitted.bind_model(flow).to(solver.a.device)
 
 
 def _chunks(x: torch.Tensor, size: int):
