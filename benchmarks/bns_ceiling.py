@@ -65,10 +65,16 @@ def screen(flow, train, val, nfe: int, sigmas) -> dict:
     return out
 
 
+TIE_DB = 0.01  # starts this close are the same start (a refit's PSNR hardly depends on sigma0)
+
+
 def best_start(scores: dict) -> tuple[float, str, float]:
-    """(sigma0, start, PSNR) of the best untrained start in a screen."""
+    """(sigma0, start, PSNR) of the best untrained start in a screen; sigma0 = 1 (no preconditioning) where
+    another sigma0 gains less than TIE_DB."""
     cells = [(float(s), k, v) for s, row in scores.items() for k, v in row.items() if k != "error"]
-    return max(cells, key=lambda c: c[2])
+    best = max(cells, key=lambda c: c[2])
+    plain = [c for c in cells if c[0] == 1.0 and c[2] >= best[2] - TIE_DB]
+    return max(plain, key=lambda c: c[2]) if plain else best
 
 
 def start_solver(flow, nfe: int, sigma0: float, start: str, train) -> BNSSolver:
@@ -158,8 +164,8 @@ def run_model(name: str, args, long: bool) -> dict:
         try:
             if long and nfe in args.long_nfe:
                 cell["long"] = long_run(flow, train, val, nfe, out, cell, args)
-            if long and nfe in args.old_nfe:  # the previous default: no least-squares starts, 300 steps
-                cell["old"] = run(flow, train, val, nfe, out, "old", "auto", 1.0, OLD, least_squares=False)
+            if long and nfe in args.old_nfe and name in args.old_models:  # the previous default: no least squares,
+                cell["old"] = run(flow, train, val, nfe, out, "old", "auto", 1.0, OLD, least_squares=False)  # 300 steps
         except NotRun:
             pass
         runs = {k: cell[k] for k in RUNS if k in cell}
@@ -280,6 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-nfe", default="8,16")
     ap.add_argument("--long-iterations", type=int, default=1200)
     ap.add_argument("--old-nfe", default="16", help="NFEs at which the previous default runs too")
+    ap.add_argument("--old-models", default=None, help="models on which it does (default: all of --models)")
     ap.add_argument("--patience", type=int, default=6, help="validations (every 50 steps) without improvement")
     ap.add_argument("--polish-steps", type=int, default=10)
     ap.add_argument("--sigma0", default="1,2,5")
@@ -296,6 +303,7 @@ def main(argv=None) -> int:
     args.long_nfe = [int(n) for n in args.long_nfe.split(",") if n]
     args.old_nfe = [int(n) for n in args.old_nfe.split(",") if n]
     args.sigma0 = [float(s) for s in args.sigma0.split(",")]
+    args.old_models = (args.old_models or args.models).split(",")
     started = time.perf_counter()
     models = args.models.split(",")
     results = [run_model(m, args, long=False) for m in models]
@@ -303,7 +311,7 @@ def main(argv=None) -> int:
     cmd = (
         f"python benchmarks/bns_ceiling.py --models {args.models} --nfe {','.join(map(str, args.nfe))} "
         f"--long-nfe {','.join(map(str, args.long_nfe))} --long-iterations {args.long_iterations} "
-        f"--old-nfe {','.join(map(str, args.old_nfe))} "
+        f"--old-nfe {','.join(map(str, args.old_nfe))} --old-models {','.join(args.old_models)} "
         f"--patience {args.patience} --polish-steps {args.polish_steps} "
         f"--sigma0 {','.join(f'{s:g}' for s in args.sigma0)} "
         f"--val {args.val} --train {args.train}"
