@@ -12,6 +12,8 @@ bespoke.save_solvers("bns.safetensors", [bns], flow)
 
 traj = bespoke.generate_gt(flow, "traj-dir", num=1024, seed=1, trajectory=65)  # dense trajectories
 rk2 = bespoke.train_bespoke(flow, traj, pairs.slice(0, 512), nfe=8, order=2)    # RK2-Bespoke
+sch = bespoke.train_schedule(flow, pairs.slice(512), pairs.slice(0, 512), "dpm++2m", "4-16")  # any NFE 4..16
+sch.at(6).sample(flow, noise)
 """
 
 from . import paths
@@ -27,10 +29,12 @@ from .solvers.adaptive import GroundTruth, ground_truth
 from .solvers.bns import BNSSolver
 from .solvers.files import load_solver, load_solvers, save_solvers
 from .solvers.scale_time import BespokeSolver
+from .solvers.schedule import ScheduleSolver
 from .train import GTCache, generate_gt, load_gt
 from .train.bespoke import train_bespoke
 from .train.bns import train_bns
 from .train.loop import FitConfig
+from .train.schedule import train_schedule
 
 __all__ = [
     "BespokeError",
@@ -57,6 +61,8 @@ __all__ = [
     "train_bns",
     "BespokeSolver",
     "train_bespoke",
+    "ScheduleSolver",
+    "train_schedule",
     "FitConfig",
     "generate_gt",
     "load_gt",

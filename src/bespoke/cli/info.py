@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import bespoke
-from bespoke.solvers.files import load_solvers, read_metadata
+from bespoke.solvers.files import RANGE_KINDS, load_solvers, read_metadata
 
 
 def register(sub) -> None:
@@ -34,16 +34,22 @@ def _model_line(model: dict) -> str:
     return f"model: {model.get('name')} (fingerprint {fingerprint}, path {path}, {guidance}){trained}"
 
 
-def _solver_lines(nfe: int, entry: dict) -> list[str]:
+def _solver_lines(key: str, entry: dict) -> list[str]:
     kind = entry["kind"]
-    extra = f", base {entry['base']} x {entry['steps']} steps" if "base" in entry else ""
+    if kind in RANGE_KINDS:  # a learned schedule: its base method, and the warp of that method's grid
+        extra = f", method {entry['base']}, {entry['knots']} knots"
+    else:
+        extra = f", base {entry['base']} x {entry['steps']} steps" if "base" in entry else ""
     if entry.get("sigma0", 1.0) != 1.0:
         extra += f", preconditioning sigma0={entry['sigma0']:g}"
-    lines = [f"NFE {nfe}: {kind}, {entry.get('parameters')} parameters, init {entry.get('init')}{extra}"]
+    lines = [f"NFE {key}: {kind}, {entry.get('parameters')} parameters, init {entry.get('init')}{extra}"]
     trained = _training_text(entry.get("training") or {})
     if trained:
         lines.append(f"  trained: {trained}")
-    lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry.get("times", [])))
+    for nfe, heights in (entry.get("warp") or {}).items():
+        lines.append(f"  warp of the method's grid at NFE {nfe}: " + ", ".join(f"{x:.4f}" for x in heights))
+    else:
+        lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry.get("times", [])))
     return lines
 
 
@@ -101,7 +107,7 @@ def cmd_info(args) -> int:
             f"{path}: solver file v{meta['version']} (bespoke {meta.get('library_version')})",
             _model_line(meta["model"]),
         ]
-        for nfe in sorted(meta["solvers"], key=int):
-            lines += _solver_lines(int(nfe), meta["solvers"][nfe])
+        for key in sorted(meta["solvers"], key=lambda k: int(k.split("-")[0])):
+            lines += _solver_lines(key, meta["solvers"][key])
     print(json.dumps(meta, indent=2) if args.json else "\n".join(lines))
     return 0

@@ -1,7 +1,8 @@
-"""`bespoke train`: learn BNS or Bespoke (RK1/RK2) solvers for a model and write them to one file.
+"""`bespoke train`: learn BNS or Bespoke (RK1/RK2) solvers, or a learned schedule, and write them to one file.
 
     bespoke train --model zoo:digits-ot --solver bns --nfe 4,8,16 --out bns.safetensors
                   [--gt GT_DIR] [--init SOLVER] [--precondition SIGMA0] [--resume]
+    bespoke train --model zoo:digits-vp --solver schedule:dpm++2m --nfe 4-16 --out sched.safetensors
 
 Validation pairs are the first --val-samples of the GT cache, training pairs the next --train-samples.
 Without --gt the pairs are made (or reused) in OUT.gt/. Every validation writes a checkpoint to
@@ -10,6 +11,7 @@ OUT.ckpt/; a killed run continues with --resume and ends where an uninterrupted 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -18,8 +20,10 @@ from pathlib import Path
 
 import bespoke
 from bespoke import BespokeError, budget, distributed
-from bespoke.solvers.files import KINDS
+from bespoke.solvers.files import KINDS, RANGE_KINDS
+from bespoke.solvers.schedule import SCHEDULE_BASES, parse_nfe_range
 from bespoke.train.bns import BNS_ITERATIONS
+from bespoke.train.schedule import SCHEDULE_ITERATIONS
 
 from .common import (
     add_model_args,
@@ -46,8 +50,20 @@ def register(sub) -> None:
         "(safetensors + JSON metadata).",
     )
     add_model_args(p, labels=False)
-    p.add_argument("--solver", required=True, choices=list(KINDS), help="what to learn")
-    p.add_argument("--nfe", required=True, type=int_list, metavar="N,N,...", help="one solver per NFE, e.g. 4,8,16")
+    p.add_argument(
+        "--solver",
+        required=True,
+        type=solver_kind,
+        metavar="KIND",
+        help=f"what to learn: {', '.join(k for k in KINDS if k not in RANGE_KINDS)}, or schedule:METHOD (the time "
+        f"grid of a built-in method for a range of NFEs; METHOD one of {', '.join(SCHEDULE_BASES)})",
+    )
+    p.add_argument(
+        "--nfe",
+        required=True,
+        metavar="N,N,... | LO-HI",
+        help="one solver per NFE, e.g. 4,8,16; schedule:METHOD takes a range, e.g. 4-16",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="the solver file to write (*.safetensors)")
     p.add_argument("--gt", metavar="GT_DIR", default=None, help="GT cache to train on (default: made in OUT.gt/)")
     p.add_argument(
@@ -70,7 +86,7 @@ def register(sub) -> None:
         type=positive_int,
         default=None,
         help=f"Adam iterations per solver (default {BNS_ITERATIONS} for bns, after its least-squares start; "
-        f"{BESPOKE_ITERATIONS} for bespoke-rk*)",
+        f"{BESPOKE_ITERATIONS} for bespoke-rk*; {SCHEDULE_ITERATIONS} for schedule:*)",
     )
     p.add_argument("--batch-size", type=positive_int, default=40, help="pairs per iteration (default 40)")
     p.add_argument("--lr", type=finite_float, default=1e-2, help="peak learning rate (default 1e-2)")
@@ -83,6 +99,34 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
     add_run_args(p)
     p.set_defaults(func=cmd_train)
+
+
+def solver_kind(text: str) -> str:
+    """--solver: a learned kind, or schedule:METHOD."""
+    if text in KINDS and text not in RANGE_KINDS:
+        return text
+    kind, _, base = text.partition(":")
+    if kind in RANGE_KINDS and base in SCHEDULE_BASES:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown solver kind {text!r}; valid: {', '.join(k for k in KINDS if k not in RANGE_KINDS)}, "
+        f"schedule:METHOD with METHOD one of {', '.join(SCHEDULE_BASES)}"
+    )
+
+
+def nfes_for(kind: str, text: str) -> list:
+    """--nfe for `kind`: a list of NFEs (one solver each), or [(LO, HI)] for a range kind."""
+    if kind.partition(":")[0] in RANGE_KINDS:
+        return [parse_nfe_range(text)]
+    if "-" in text:
+        raise BespokeError(
+            f"--nfe {text}: a range is for --solver schedule:METHOD; {kind} trains one solver per NFE, so list "
+            "them (e.g. 4,8,16)"
+        )
+    try:
+        return int_list(text)
+    except argparse.ArgumentTypeError as e:
+        raise BespokeError(f"--nfe: {e}") from None
 
 
 def train_file(
@@ -102,11 +146,14 @@ def train_file(
     device=None,
     quiet=False,
 ) -> list:
-    """Train one `kind` solver per NFE, checkpointing in `checkpoints/`, and write them all to `out`."""
+    """Train one `kind` solver per NFE (or one per (LO, HI) range for schedule:METHOD), checkpointing in
+    `checkpoints/`, and write them all to `out`."""
     solvers, mine = [], [Path(checkpoints) / checkpoint_name(kind, nfe) for nfe in nfes]
     for nfe, ckpt in zip(nfes, mine):
         common = dict(config=config, checkpoint=ckpt, grad_checkpoint=grad_checkpoint, device=device, quiet=quiet)
-        if kind == "bns":
+        if kind.startswith("schedule:"):
+            s = bespoke.train_schedule(flow, train, val, kind.partition(":")[2], nfe, **common)
+        elif kind == "bns":
             s = bespoke.train_bns(flow, train, val, nfe, init=init, sigma0=sigma0, **common)
         else:
             s = bespoke.train_bespoke(flow, train, val, nfe, order=int(kind[-1]), init=init, loss=loss, **common)
@@ -118,7 +165,10 @@ def train_file(
     return solvers
 
 
-def checkpoint_name(kind: str, nfe: int) -> str:
+def checkpoint_name(kind: str, nfe) -> str:
+    """The checkpoint file of one solver: KIND-nfeN.pt, or schedule-METHOD-nfeLO-HI.pt for a range."""
+    if isinstance(nfe, tuple):
+        return f"{kind.replace(':', '-')}-nfe{nfe[0]}-{nfe[1]}.pt"
     return f"{kind}-nfe{nfe}.pt"
 
 
@@ -141,8 +191,9 @@ def check_training_budget(flow, nfes, batch: int, dev: str) -> None:
 
 def summary_line(s) -> str:
     t = s.training_summary
+    what = f"schedule:{s.base} NFE {s.range_text()}" if s.kind in RANGE_KINDS else f"{s.kind} NFE {s.nfe}"
     return (
-        f"{s.kind} NFE {s.nfe}: {t['val_psnr_init']:.2f} dB ({t['init']}) -> {t['val_psnr']:.2f} dB on "
+        f"{what}: {t['val_psnr_init']:.2f} dB ({t['init']}) -> {t['val_psnr']:.2f} dB on "
         f"{t['val_pairs']} validation pairs; {t['iterations']} iterations on {t['train_pairs']} pairs, "
         f"{t['seconds']:.0f} s"
     )
@@ -187,14 +238,17 @@ BNS_TRAJECTORY_BYTES = 2 << 30  # above this, BNS's GT keeps endpoints only (no 
 
 
 def _trajectory(args, flow, num: int, gt_dir: Path) -> int:
-    """Dense trajectory times for a GT cache made here: TRAJECTORY. BNS trains on endpoints alone (only its
-    least-squares starts need trajectories), so it keeps the setting of a cache already there, and does without
-    them where they would take more than BNS_TRAJECTORY_BYTES (large latents)."""
-    if args.solver != "bns":
+    """Dense trajectory times for a GT cache made here: TRAJECTORY for Bespoke. BNS trains on endpoints alone
+    (only its least-squares starts need trajectories) and a schedule needs none, so both keep the setting of a
+    cache already there; a new one for a schedule has none, and BNS does without them where they would take
+    more than BNS_TRAJECTORY_BYTES (large latents)."""
+    if args.solver.startswith("bespoke-rk"):
         return TRAJECTORY
     if (gt_dir / "manifest.json").is_file():
         with contextlib.suppress(Exception):  # unreadable: generate_gt gives the precise error
             return int(json.loads((gt_dir / "manifest.json").read_text()).get("trajectory", 0))
+    if args.solver != "bns":
+        return 0
     size = num * math.prod(flow.sample_shape) * 4 * 2 * TRAJECTORY  # states and velocities in float32
     if size > BNS_TRAJECTORY_BYTES:
         say(args, f"dense trajectories would take {size / 2**30:.1f} GiB: BNS starts from dedicated solvers only")
@@ -213,24 +267,27 @@ def cmd_train(args) -> int:
     dev = device(args.device)
     if args.solver != "bns" and args.precondition != 1.0:
         raise BespokeError("--precondition applies to --solver bns only")
+    nfes = nfes_for(args.solver, args.nfe)
+    most = max(n[1] if isinstance(n, tuple) else n for n in nfes)
     check_writable(args.out, "--out")
     checkpoints = Path(f"{args.out}.ckpt")
     if checkpoints.is_dir() and any(checkpoints.iterdir()) and not args.resume:
         raise BespokeError(
             f"{checkpoints} holds checkpoints of an unfinished run: add --resume to continue it, or delete it"
         )
-    others = _other_checkpoints(checkpoints, args.solver, args.nfe)
+    others = _other_checkpoints(checkpoints, args.solver, nfes)
     if others:
         say(args, f"{checkpoints} also holds unfinished checkpoints of another run ({', '.join(others)}): kept")
     flow = load_flow(args)
-    check_training_budget(flow, args.nfe, max(args.batch_size, args.val_samples), dev)
+    check_training_budget(flow, [most], max(args.batch_size, args.val_samples), dev)
     train, val = _pairs(args, flow, dev)
-    iterations = args.iterations or (BNS_ITERATIONS if args.solver == "bns" else BESPOKE_ITERATIONS)
+    default = {"bns": BNS_ITERATIONS, "schedule": SCHEDULE_ITERATIONS}.get(args.solver.partition(":")[0])
+    iterations = args.iterations or default or BESPOKE_ITERATIONS
     config = bespoke.FitConfig(iterations=iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     solvers = train_file(
         flow,
         args.solver,
-        args.nfe,
+        nfes,
         train,
         val,
         args.out,
@@ -245,5 +302,6 @@ def cmd_train(args) -> int:
     )
     for s in solvers:
         print(summary_line(s))
-    print(f"wrote {args.out} ({', '.join(f'NFE {s.nfe}' for s in solvers)}) in {time.perf_counter() - t0:.0f} s")
+    served = ", ".join(f"NFE {s.range_text() if s.kind in RANGE_KINDS else s.nfe}" for s in solvers)
+    print(f"wrote {args.out} ({served}) in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -1,6 +1,7 @@
 """Solver files (DESIGN §6): learned solvers as safetensors tensors plus JSON metadata, never a pickle.
 
-One file holds one solver per NFE. Tensors are named `nfe{N}.{parameter}` and hold the raw float64
+One file holds one solver per NFE, or per range of NFEs for the kinds that serve one (a learned schedule:
+key "LO-HI", every NFE in it). Tensors are named `nfe{KEY}.{parameter}` and hold the raw float64
 parameters, so a loaded solver samples bit for bit like the one that was saved. The metadata says
 what the file is for (model fingerprint, guidance, path), what each solver is (kind, NFE, init,
 preconditioning, times for reading) and how it was trained. Loading validates all of it.
@@ -20,13 +21,15 @@ from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, i
 from .bns import BNSSolver
 from .learned import guidance_record
 from .scale_time import BespokeSolver
+from .schedule import SCHEDULE_BASES, ScheduleSolver
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "save_solvers", "load_solvers", "load_solver", "read_metadata", "model_record"]
 
 FORMAT = "bespoke-solver"
 VERSION = 2  # 2: the file carries a SHA-256 of its metadata and tensors (bespoke.io)
 READS = (1, 2)  # version 1 files (no checksum) still load, with a warning
-KINDS = {"bns": BNSSolver, "bespoke-rk1": BespokeSolver, "bespoke-rk2": BespokeSolver}
+KINDS = {"bns": BNSSolver, "bespoke-rk1": BespokeSolver, "bespoke-rk2": BespokeSolver, "schedule": ScheduleSolver}
+RANGE_KINDS = ("schedule",)  # kinds whose one solver serves a range of NFEs (entry key "LO-HI")
 _FIX = "train a new one with `bespoke train ... --out FILE`"
 
 
@@ -50,19 +53,35 @@ def _prompts_record(flow) -> dict | None:
     return {k: v for k, v in prompts.record().items() if k != "prompts"}
 
 
+def entry_key(s) -> str:
+    """A solver's key in a file: its NFE, or "LO-HI" for a solver that serves a range."""
+    return s.range_text() if getattr(s, "kind", None) in RANGE_KINDS else str(s.nfe)
+
+
+def _served(s) -> list[int]:
+    return s.valid_nfes() if getattr(s, "kind", None) in RANGE_KINDS else [s.nfe]
+
+
 def save_solvers(path, solvers, flow) -> None:
-    """Write learned solvers (one per NFE) for `flow` to `path` atomically; an existing file is replaced whole."""
+    """Write learned solvers (one per NFE or range) for `flow` to `path` atomically; an existing file is replaced
+    whole. A dict may hold the same range solver under each of its NFEs (as load_solvers returns it)."""
     solvers = list(solvers.values()) if isinstance(solvers, dict) else list(solvers)
-    nfes = [s.nfe for s in solvers]
-    if len(set(nfes)) != len(nfes):
-        raise BespokeError(f"a solver file holds one solver per NFE; got NFEs {sorted(nfes)}")
-    tensors, entries = {}, {}
+    unique = {}
     for s in solvers:
         if getattr(s, "kind", None) not in KINDS:
             raise BespokeError(f"{type(s).__name__} is not a learned solver kind ({', '.join(KINDS)})")
+        key = entry_key(s)
+        if key in unique and not (s.kind in RANGE_KINDS and _same_parameters(unique[key], s)):
+            raise BespokeError(f"a solver file holds one solver per NFE; got two for NFE {key}")
+        unique[key] = s
+    nfes = [n for s in unique.values() for n in _served(s)]
+    if len(set(nfes)) != len(nfes):
+        raise BespokeError(f"a solver file holds one solver per NFE; these solvers overlap at NFE {_twice(nfes)}")
+    tensors, entries = {}, {}
+    for key, s in unique.items():
         s.validate()
-        tensors.update({f"nfe{s.nfe}.{k}": v for k, v in s.state_tensors().items()})
-        entries[str(s.nfe)] = s.file_entry()
+        tensors.update({f"nfe{key}.{k}": v for k, v in s.state_tensors().items()})
+        entries[key] = s.file_entry()
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -71,6 +90,16 @@ def save_solvers(path, solvers, flow) -> None:
         "solvers": entries,
     }
     save_tensors(Path(path), tensors, meta)
+
+
+def _same_parameters(a, b) -> bool:
+    return a.state_tensors().keys() == b.state_tensors().keys() and all(
+        torch.equal(v, b.state_tensors()[k]) for k, v in a.state_tensors().items()
+    )
+
+
+def _twice(nfes: list[int]) -> int:
+    return next(n for n in nfes if nfes.count(n) > 1)
 
 
 def read_metadata(path) -> dict:
@@ -102,6 +131,14 @@ _ENTRY_FIELDS = (
     ("start_scale", is_real, "a finite number", OPTIONAL),
     ("base", is_str, "a string", OPTIONAL),
     ("steps", *_COUNT, OPTIONAL),
+)
+_RANGE_FIELDS = (
+    ("nfe_range", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x, 1) for x in v), "[LO, HI]", REQUIRED),
+    ("base", is_str, "a string", REQUIRED),
+    ("knots", *_COUNT, REQUIRED),
+    ("init", is_str, "a string", OPTIONAL),
+    ("parameters", *_STEPS, OPTIONAL),
+    ("training", lambda v: isinstance(v, dict), "an object", OPTIONAL),
 )
 _TRAINING_FIELDS = (  # a summary may lack any of these (say, one written from Python), never mistype them
     ("objective", is_str, "a string", OPTIONAL),
@@ -139,15 +176,36 @@ def _check_metadata(path, meta) -> None:
     if not isinstance(entries, dict) or not entries:
         raise BespokeError(f"{path} holds no solvers; {_FIX}")
     for key, entry in entries.items():
-        if not (key.isdigit() and key.isascii() and str(int(key)) == key and int(key) >= 1):
-            raise BespokeError(f"{path} is damaged: solvers are keyed by NFE (1, 2, ...), not {short(key)}; {_FIX}")
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
             kind = entry.get("kind") if isinstance(entry, dict) else entry
             raise BespokeError(f"{path}: solver {key} has unknown kind {short(kind)}; valid: {', '.join(KINDS)}")
-        _check_fields(path, entry, _ENTRY_FIELDS, f" of solver {key}")
-        if entry["nfe"] != int(key):
-            raise BespokeError(f"{path} is damaged: solver {key} says it has NFE {entry['nfe']}; {_FIX}")
+        if entry["kind"] in RANGE_KINDS:
+            _check_range_entry(path, key, entry)
+        else:
+            if _nfe_of_key(key) is None:
+                raise BespokeError(f"{path} is damaged: solvers are keyed by NFE (1, 2, ...), not {short(key)}; {_FIX}")
+            _check_fields(path, entry, _ENTRY_FIELDS, f" of solver {key}")
+            if entry["nfe"] != int(key):
+                raise BespokeError(f"{path} is damaged: solver {key} says it has NFE {entry['nfe']}; {_FIX}")
         _check_fields(path, entry.get("training", {}), _TRAINING_FIELDS, f" of solver {key}'s training summary")
+
+
+def _nfe_of_key(key: str) -> int | None:
+    ok = key.isdigit() and key.isascii() and str(int(key)) == key and int(key) >= 1
+    return int(key) if ok else None
+
+
+def _check_range_entry(path, key: str, entry: dict) -> None:
+    """A range solver: keyed "LO-HI" (or "N"), its nfe_range [LO, HI] the same, its base and knots valid."""
+    lo, _, hi = key.partition("-")
+    nfes = (_nfe_of_key(lo), _nfe_of_key(hi or lo))
+    if None in nfes or nfes[0] > nfes[1] or (hi and lo == hi):
+        raise BespokeError(f"{path} is damaged: a range solver is keyed LO-HI (e.g. 4-16), not {short(key)}; {_FIX}")
+    _check_fields(path, entry, _RANGE_FIELDS, f" of solver {key}")
+    if entry["nfe_range"] != list(nfes):
+        raise BespokeError(f"{path} is damaged: solver {key} says it serves NFE {short(entry['nfe_range'])}; {_FIX}")
+    if entry["base"] not in SCHEDULE_BASES:
+        raise BespokeError(f"{path}: schedule {key} drives {short(entry['base'])}, not a built-in method it supports")
 
 
 def _read(path) -> tuple[dict, dict]:
@@ -165,26 +223,26 @@ def _read(path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _build(path, tensors: dict, meta: dict, nfe: int, flow, force: bool):
-    entry = meta["solvers"][str(nfe)]
+def _build(path, tensors: dict, meta: dict, key: str, flow, force: bool):
+    entry = meta["solvers"][key]
     kind = KINDS[entry["kind"]]
     state = {}
     try:
-        shapes = kind.state_shapes(nfe)
+        shapes = kind.state_shapes(entry["nfe"]) if entry["kind"] not in RANGE_KINDS else kind.state_shapes(entry)
     except BespokeError as e:
-        raise BespokeError(f"{path}: the NFE-{nfe} solver is invalid ({e}); {_FIX}") from None
+        raise BespokeError(f"{path}: the NFE-{key} solver is invalid ({e}); {_FIX}") from None
     for name, shape in shapes.items():
-        v = tensors.get(f"nfe{nfe}.{name}")
+        v = tensors.get(f"nfe{key}.{name}")
         if v is None or tuple(v.shape) != shape or v.dtype != torch.float64:
             got = "missing" if v is None else f"{v.dtype} {tuple(v.shape)}"
-            raise BespokeError(f"{path}: tensor nfe{nfe}.{name} should be float64 {shape}, is {got}; {_FIX}")
+            raise BespokeError(f"{path}: tensor nfe{key}.{name} should be float64 {shape}, is {got}; {_FIX}")
         if not torch.isfinite(v).all():
-            raise BespokeError(f"{path}: tensor nfe{nfe}.{name} contains NaN or inf; {_FIX}")
+            raise BespokeError(f"{path}: tensor nfe{key}.{name} contains NaN or inf; {_FIX}")
         state[name] = v
     try:
         solver = kind.from_state(state, entry, meta["model"]["fingerprint"])
     except BespokeError as e:
-        raise BespokeError(f"{path}: the NFE-{nfe} solver is invalid ({e}); {_FIX}") from None
+        raise BespokeError(f"{path}: the NFE-{key} solver is invalid ({e}); {_FIX}") from None
     solver.model_guidance = meta["model"]["guidance"]
     solver.force = force
     if flow is not None:
@@ -195,24 +253,45 @@ def _build(path, tensors: dict, meta: dict, nfe: int, flow, force: bool):
     return solver
 
 
+def _serves(meta: dict) -> dict[int, str]:
+    """{NFE: entry key} of every NFE the file serves (a range solver: each NFE its method takes in the range)."""
+    out = {}
+    for key, entry in meta["solvers"].items():
+        if entry["kind"] in RANGE_KINDS:
+            probe = ScheduleSolver(entry["base"], tuple(entry["nfe_range"]), knots=entry["knots"])
+            out.update({n: key for n in probe.valid_nfes()})
+        else:
+            out[int(key)] = key
+    return dict(sorted(out.items()))
+
+
+def _have_text(meta: dict) -> str:
+    return ", ".join(sorted(meta["solvers"], key=lambda k: int(k.split("-")[0])))
+
+
 def load_solvers(path, *, flow=None, force: bool = False) -> dict:
-    """Every solver in a solver file, by NFE; refuses a file for another model than `flow` unless forced."""
+    """Every solver in a solver file, by NFE (a range solver under each NFE it serves, as views that share
+    its parameters); refuses a file for another model than `flow` unless forced."""
     tensors, meta = _read(path)
-    nfes = sorted(int(k) for k in meta["solvers"])
-    return {n: _build(path, tensors, meta, n, flow, force) for n in nfes}
+    built = {key: _build(path, tensors, meta, key, flow, force) for key in meta["solvers"]}
+    return {n: _at(built[key], n) for n, key in _serves(meta).items()}
+
+
+def _at(solver, nfe: int):
+    return solver.at(nfe) if solver.kind in RANGE_KINDS else solver
 
 
 def load_solver(path, nfe: int | None = None, *, flow=None, force: bool = False):
-    """The solver for `nfe` from a solver file (the only one if the file holds one and nfe is None)."""
+    """The solver for `nfe` from a solver file (the only one if the file holds one fixed-NFE solver and nfe is None)."""
     tensors, meta = _read(path)
-    have = sorted(int(k) for k in meta["solvers"])
+    serves = _serves(meta)
     if nfe is None:
-        if len(have) > 1:
-            raise BespokeError(f"{path} holds solvers for NFE {', '.join(map(str, have))}; choose one with nfe=/--nfe")
-        nfe = have[0]
-    if nfe not in have:
-        raise BespokeError(
-            f"{path} has no solver for NFE {nfe}; it has NFE {', '.join(map(str, have))} "
-            f"(train one with `bespoke train --nfe {nfe}`)"
-        )
-    return _build(path, tensors, meta, nfe, flow, force)
+        keys = list(meta["solvers"])
+        if len(keys) > 1 or meta["solvers"][keys[0]]["kind"] in RANGE_KINDS:
+            raise BespokeError(f"{path} holds solvers for NFE {_have_text(meta)}; choose one with nfe=/--nfe")
+        nfe = int(keys[0])
+    if nfe not in serves:
+        ranged = any(e["kind"] in RANGE_KINDS for e in meta["solvers"].values())
+        how = "a schedule with --nfe LO-HI holding it" if ranged else f"one with `bespoke train --nfe {nfe}`"
+        raise BespokeError(f"{path} has no solver for NFE {nfe}; it has NFE {_have_text(meta)} (train {how})")
+    return _at(_build(path, tensors, meta, serves[nfe], flow, force), nfe)

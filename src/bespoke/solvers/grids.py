@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BespokeError
 
-__all__ = ["GRIDS", "uniform", "quadratic", "logsnr", "edm", "grid_by_name"]
+__all__ = ["GRIDS", "uniform", "quadratic", "logsnr", "edm", "grid_by_name", "CONTINUOUS", "continuous_grid"]
 
 
 def uniform(steps: int, scheduler=None, ode_end: float = 1.0) -> list[float]:
@@ -90,3 +90,40 @@ def grid_by_name(name: str):
         return GRIDS[name]
     except KeyError:
         raise BespokeError(f"unknown time grid {name!r}; valid: {', '.join(GRIDS)}") from None
+
+
+# --- the same grids as continuous maps of the grid fraction f in [0, 1] (learned schedules, schedule.py) ----
+
+
+def _logsnr_map(f: torch.Tensor, scheduler, ode_end: float, clip: float = 5.0) -> torch.Tensor:
+    """Uniform in lambda over the range of `logsnr`: at f = i / n it is that grid."""
+    sch = _need(scheduler, "logsnr")
+    lo = max(float(sch.log_snr(0.0)), -clip)
+    hi = min(float(sch.log_snr(ode_end)), clip)
+    return sch.t_of_log_snr(lo + f * (hi - lo))
+
+
+def _edm_map(f: torch.Tensor, scheduler, ode_end: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM's rho-polynomial in sigma from sigma_max (f = 0) to sigma_min (f = 1). The discrete `edm` grid puts
+    its n points at f = i / (n - 1) and then adds sigma = 0; this map reaches sigma = 0 only at the pinned end."""
+    sch = _need(scheduler, "edm")
+    lo, hi = edm_sigma_range(sch, ode_end)
+    a, b = hi ** (1 / rho), lo ** (1 / rho)
+    return sch.t_of_log_snr(-rho * torch.log(a + f * (b - a)))
+
+
+CONTINUOUS = {
+    "uniform": lambda f, scheduler=None, ode_end=1.0: f.clone(),
+    "quadratic": lambda f, scheduler=None, ode_end=1.0: 1.0 - (1.0 - f) ** 2,
+    "logsnr": _logsnr_map,
+    "edm": _edm_map,
+}
+
+
+def continuous_grid(name: str, f, scheduler=None, ode_end: float = 1.0) -> torch.Tensor:
+    """Times t(f) of grid `name` at fractions f (float64 tensor, 0 = first point, 1 = last), ends pinned to 0 and 1."""
+    if name not in CONTINUOUS:
+        raise BespokeError(f"unknown time grid {name!r}; valid: {', '.join(CONTINUOUS)}")
+    f = torch.as_tensor(f, dtype=torch.float64)
+    t = CONTINUOUS[name](f, scheduler, ode_end)
+    return torch.where(f <= 0, 0.0, torch.where(f >= 1, 1.0, t))

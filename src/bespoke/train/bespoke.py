@@ -148,7 +148,7 @@ def train_bespoke(
         train,
         val,
         lambda _, v: _initial_solver(flow, v, order, nfe, init),
-        lambda m, pairs, idx: bespoke_loss(m, flow, pairs, idx, loss=loss, gt=gt, grad_checkpoint=grad_checkpoint),
+        lambda m, pairs, idx, it: bespoke_loss(m, flow, pairs, idx, loss=loss, gt=gt, grad_checkpoint=grad_checkpoint),
         config,
         signature={"loss": loss, "gt": gt},
         checkpoint=checkpoint,

@@ -17,10 +17,17 @@ from .least_squares import has_trajectories, least_squares_coefficients
 from .loop import FitConfig
 from .pairs import cond_of, fit_solver, solver_psnr, training_summary
 
-__all__ = ["train_bns", "init_candidates", "select_init", "BNS_ITERATIONS"]
+__all__ = ["train_bns", "init_candidates", "select_init", "log_mse_loss", "BNS_ITERATIONS"]
 
 # Adam steps after the least-squares start (benchmarks/bns_ceiling.py): the start brings most of the gain
 BNS_ITERATIONS = 150
+
+
+def log_mse_loss(m, flow, pairs, idx, checkpoint: bool = False) -> torch.Tensor:
+    """Eq. 13: the per-sample log-MSE of solver m's samples against the ground truth, mean over pairs idx."""
+    x = m.sample(flow, pairs.noise[idx], checkpoint=checkpoint, **cond_of(pairs, idx))
+    err = (x - pairs.samples[idx].to(x.dtype)).flatten(1).pow(2).mean(1)
+    return torch.log(err.clamp(min=1e-30)).mean()
 
 
 def init_candidates(flow, nfe: int) -> list[str]:
@@ -128,17 +135,12 @@ def train_bns(
     wall time, ...), which solver files record.
     """
 
-    def log_mse(m, pairs, idx):  # Eq. 13: per-sample log-MSE against the ground truth, mean over idx
-        x = m.sample(flow, pairs.noise[idx], checkpoint=grad_checkpoint, **cond_of(pairs, idx))
-        err = (x - pairs.samples[idx].to(x.dtype)).flatten(1).pow(2).mean(1)
-        return torch.log(err.clamp(min=1e-30)).mean()
-
     module, result, init_scores, config = fit_solver(
         flow,
         train,
         val,
         lambda t, v: _initial_solver(flow, t, v, nfe, init, sigma0, least_squares),
-        log_mse,
+        lambda m, pairs, idx, it: log_mse_loss(m, flow, pairs, idx, grad_checkpoint),
         config,
         signature={"sigma0": sigma0, "least_squares": least_squares},
         checkpoint=checkpoint,

@@ -1,0 +1,82 @@
+"""Training a learned schedule (solvers/schedule.py): the time grid of a built-in method, for a range of NFEs.
+
+    minimise  L(w) = mean over pairs of log ||x_n^w(x_0) - x(1)||^2          (BNS Eq. 13, as train/bns.py)
+with n cycling through every NFE of the range, one per iteration (n = valid[it mod len(valid)]), so the
+schedule is trained for all of them at the cost of one solve per iteration. The parameters kept are those
+with the largest *smallest* gain in validation PSNR over the method's own grid among the range's lowest,
+middle and highest NFE (train/pairs.selection_score): the schedule is never worse than its method there.
+Everything else (Adam, checkpoints and bit-identical resume) is the shared loop of train/pairs.py.
+"""
+
+from __future__ import annotations
+
+from ..solvers.schedule import ScheduleSolver, parse_nfe_range
+from .bns import log_mse_loss
+from .loop import FitConfig
+from .pairs import fit_solver, solver_psnr, training_summary
+
+__all__ = ["train_schedule", "SCHEDULE_KNOTS", "SCHEDULE_ITERATIONS"]
+
+SCHEDULE_KNOTS = 8
+SCHEDULE_ITERATIONS = 150  # `bespoke train --solver schedule:METHOD`
+
+
+def train_schedule(
+    flow,
+    train,
+    val,
+    base: str,
+    nfe_range,
+    *,
+    knots: int = SCHEDULE_KNOTS,
+    config: FitConfig | None = None,
+    checkpoint=None,
+    grad_checkpoint: bool = False,
+    device=None,
+    quiet: bool = False,
+) -> ScheduleSolver:
+    """A learned schedule for built-in method `base` on `flow`, for every NFE in `nfe_range` ("4-16" or (4, 16)).
+
+    Starts from the method's recommended grid (the identity warp); returns the solver at the range's highest
+    NFE (`.at(n)` for the others), carrying `training_summary` as train_bns's does."""
+    start = ScheduleSolver(base, parse_nfe_range(nfe_range), knots=knots).bind_model(flow)
+    nfes = start.valid_nfes()
+
+    def loss(m, pairs, idx, it):  # one NFE per iteration, cycling; all of them for the whole-set loss
+        views = [m.at(n) for n in (nfes if it is None else [nfes[it % len(nfes)]])]
+        return sum(log_mse_loss(v, flow, pairs, idx, grad_checkpoint) for v in views) / len(views)
+
+    module, result, _, config = fit_solver(
+        flow,
+        train,
+        val,
+        lambda t, v: (start, {}),
+        loss,
+        config,
+        signature={"base": base, "nfe_range": list(start.nfe_range), "knots": knots},
+        checkpoint=checkpoint,
+        device=device,
+        quiet=quiet,
+    )
+    before = ScheduleSolver(base, start.nfe_range, knots=knots)  # the method's own grid, as the run started
+    views = {
+        v.nfe: (solver_psnr(b, flow, val), solver_psnr(v, flow, val))
+        for b, v in zip(before.validation_views(), module.validation_views())
+    }
+    module.training_summary = training_summary(
+        "mean per-sample log-MSE (BNS Eq. 13), one NFE of the range per iteration; kept: the largest smallest "
+        "validation gain over the method's grid at the validation NFEs (the history)",
+        module.init,
+        {},
+        train,
+        val,
+        result,
+        config,
+        grad_checkpoint=grad_checkpoint,
+    )
+    module.training_summary.update(  # PSNRs, where the history and selection are gains
+        val_psnr_init=round(sum(a for a, _ in views.values()) / len(views), 4),
+        val_psnr=round(sum(b for _, b in views.values()) / len(views), 4),
+        val_psnr_by_nfe={str(n): [round(a, 4), round(b, 4)] for n, (a, b) in views.items()},
+    )
+    return module
