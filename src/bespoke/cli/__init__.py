@@ -6,6 +6,7 @@
     bespoke sample --model SPEC --solver NAME_OR_FILE --nfe N --num N --out OUT.safetensors [--grid PNG]
     bespoke eval   --model SPEC --solvers A,B,FILE --nfe 4,8,16 [--json OUT.json] [--plot PNG]
     bespoke info   FILE
+    bespoke export FILE --nfe N --format timesteps|sigmas|json
 
 Exit codes: 0 success; 2 bad input (one line `bespoke: error: ...` on stderr); 1 internal error
 (one line; the traceback too when BESPOKE_DEBUG=1).
@@ -26,12 +27,12 @@ import bespoke
 from bespoke import BespokeError
 
 from .. import distributed
-from . import demo, evaluate, gt, info, sample, train
+from . import demo, evaluate, export, gt, info, sample, train
 from .common import Parser, device, print_error
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (demo, gt, train, sample, evaluate, info)
+COMMANDS = (demo, gt, train, sample, evaluate, info, export)
 # what Ctrl-C leaves behind, per command, and how to go on from there
 INTERRUPTED = {
     "gt": "the shards solved so far are kept; run the same command again to resume",
