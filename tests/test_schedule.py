@@ -10,7 +10,7 @@ from bespoke.solvers.schedule import SCHEDULE_BASES, ScheduleSolver
 from bespoke.train import generate_gt
 from bespoke.train.loop import FitConfig
 from bespoke.train.pairs import solver_psnr
-from bespoke.train.schedule import train_schedule
+from bespoke.train.schedule import select_grid, train_schedule
 from helpers import Killed, killing_flow
 
 PATHS = ("condot", "cosine", "vp-discrete")
@@ -118,15 +118,30 @@ def test_training_improves_every_nfe_of_the_range_and_is_never_worse_than_the_me
     assert min(gains) > 0.3 and max(gains) > 3.0, gains  # measured: +0.6 (NFE 3) to +5.8 dB (NFE 8)
 
 
+def test_training_starts_from_the_best_fixed_grid_and_records_every_grid_it_scored(tmp_path):
+    vp = bespoke.load_model("zoo:gmm2d", path="vp-discrete")
+    gt = generate_gt(vp, tmp_path / "gt", num=96, shard_size=96, quiet=True)
+    train, val = gt.slice(32, 96), gt.slice(0, 32)
+    start, scores = select_grid(vp, val, "dpm++2m", (3, 6), knots=4)
+    assert set(scores) == {f"dpm++2m[{g}]" for g in ("uniform", "quadratic", "logsnr", "edm")}
+    assert start.init == max(scores, key=scores.get) and start.grid_name in start.init
+    s = train_schedule(vp, train, val, "dpm++2m", "3-6", knots=4, config=FitConfig(iterations=4), quiet=True)
+    assert s.init == start.init and s.training_summary["init_candidates_psnr"] == {
+        k: round(v, 4) for k, v in scores.items()
+    }
+    fixed = train_schedule(vp, train, val, "dpm++2m", "3-6", init="edm", config=FitConfig(iterations=4), quiet=True)
+    assert fixed.init == "dpm++2m[edm]" and fixed.grid_name == "edm"
+
+
 def test_a_killed_schedule_run_resumes_bit_identical(flow, pairs, tmp_path):
     train, val = pairs
     cfg = FitConfig(iterations=12, batch_size=16, val_every=4)
     ref = train_schedule(flow, train, val, "euler", "2-4", config=cfg, checkpoint=tmp_path / "a.ckpt", quiet=True)
     ckpt = tmp_path / "b.ckpt"
-    # the start's scores and the validation at 0 (2 + 3 + 4 calls each), iterations 0..3 (NFE 2, 3, 4, 2), the
-    # validation at 4, then it dies inside iteration 4
+    # scoring the 4 fixed grids, the start's scores and the validation at 0 (2 + 3 + 4 calls each), iterations
+    # 0..3 (NFE 2, 3, 4, 2), the validation at 4, then it dies inside iteration 4
     with pytest.raises(Killed):
-        kill = 9 + 9 + (2 + 3 + 4 + 2) + 9 + 2
+        kill = 4 * 9 + 9 + 9 + (2 + 3 + 4 + 2) + 9 + 2
         train_schedule(killing_flow(flow, kill), train, val, "euler", "2-4", config=cfg, checkpoint=ckpt, quiet=True)
     assert torch.load(ckpt, weights_only=True)["step"] == 4
     resumed = train_schedule(flow, train, val, "euler", "2-4", config=cfg, checkpoint=ckpt, quiet=True)

@@ -19,6 +19,7 @@ from ..errors import BespokeError
 from ..io import read_tensors, save_tensors
 from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, is_real, is_str, short
 from .bns import BNSSolver
+from .grids import CONTINUOUS
 from .learned import guidance_record
 from .scale_time import BespokeSolver
 from .schedule import SCHEDULE_BASES, ScheduleSolver
@@ -135,6 +136,7 @@ _ENTRY_FIELDS = (
 _RANGE_FIELDS = (
     ("nfe_range", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x, 1) for x in v), "[LO, HI]", REQUIRED),
     ("base", is_str, "a string", REQUIRED),
+    ("grid", is_str, "a string", OPTIONAL),
     ("knots", *_COUNT, REQUIRED),
     ("init", is_str, "a string", OPTIONAL),
     ("parameters", *_STEPS, OPTIONAL),
@@ -204,8 +206,9 @@ def _check_range_entry(path, key: str, entry: dict) -> None:
     _check_fields(path, entry, _RANGE_FIELDS, f" of solver {key}")
     if entry["nfe_range"] != list(nfes):
         raise BespokeError(f"{path} is damaged: solver {key} says it serves NFE {short(entry['nfe_range'])}; {_FIX}")
-    if entry["base"] not in SCHEDULE_BASES:
-        raise BespokeError(f"{path}: schedule {key} drives {short(entry['base'])}, not a built-in method it supports")
+    if entry["base"] not in SCHEDULE_BASES or entry.get("grid", "uniform") not in CONTINUOUS:
+        what = f"{short(entry['base'])} on the grid {short(entry.get('grid'))}"
+        raise BespokeError(f"{path}: schedule {key} drives {what}, which this bespoke does not know; {_FIX}")
 
 
 def _read(path) -> tuple[dict, dict]:

@@ -3,8 +3,9 @@
 A schedule is a monotone map of the grid fraction f in [0, 1] to canonical time, for each NFE n of a range
 [lo, hi],
     t_n(f) = Phi(w_n(f)),     t_i = t_n(i / n) at n steps (n evaluations' worth of steps),
-where Phi is the base method's own grid as a continuous map (`grids.continuous_grid`: uniform, log-SNR or
-EDM-rho; at w = identity the schedule *is* the method on its recommended grid) and w_n is a monotone
+where Phi is one of the fixed grids as a continuous map (`grids.continuous_grid`: uniform, quadratic, log-SNR,
+EDM-rho; the method's recommended one by default; at w = identity the schedule *is* the method on that grid;
+training starts from the best of them) and w_n is a monotone
 piecewise-linear warp of [0, 1] with K equal segments. Its knot heights interpolate, linearly in log n, two
 learned height vectors, one for n = lo and one for n = hi:
     H_n = (1 - a) H_lo + a H_hi,   a = log(n / lo) / log(hi / lo),
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import BespokeError
-from .grids import continuous_grid
+from .grids import CONTINUOUS, continuous_grid
 from .learned import Learned, evaluator
 from .nonstationary import NSSolver, run_ns
 
@@ -114,6 +115,7 @@ class ScheduleSolver(Learned):
         nfe_range: tuple[int, int],
         *,
         knots: int = 8,
+        grid: str | None = None,
         nfe: int | None = None,
         init: str | None = None,
         model_fingerprint: str | None = None,
@@ -122,10 +124,13 @@ class ScheduleSolver(Learned):
         bases = _bases()
         if base not in bases:
             raise BespokeError(f"a schedule drives one of {', '.join(bases)}; got {base!r}")
-        super().__init__(init=init or f"{base}[{bases[base]}]", model_fingerprint=model_fingerprint, force=force)
+        grid = grid or bases[base]
+        if grid not in CONTINUOUS:
+            raise BespokeError(f"a schedule warps one of the grids {', '.join(CONTINUOUS)}; got {grid!r}")
+        super().__init__(init=init or f"{base}[{grid}]", model_fingerprint=model_fingerprint, force=force)
         if not isinstance(knots, int) or knots < 1:
             raise BespokeError(f"a schedule needs knots >= 1, got {knots!r}")
-        self.base, self.grid_name = base, bases[base]
+        self.base, self.grid_name = base, grid
         self.nfe_range = parse_nfe_range(nfe_range)
         if not self.valid_nfes():
             raise BespokeError(f"{base} takes no NFE in {self.range_text()}")
@@ -267,6 +272,7 @@ class ScheduleSolver(Learned):
             "kind": self.kind,
             "nfe_range": list(self.nfe_range),
             "base": self.base,
+            "grid": self.grid_name,
             "init": self.init,
             "knots": self.knots,
             "parameters": self.num_parameters,
@@ -287,6 +293,7 @@ class ScheduleSolver(Learned):
             entry["base"],
             tuple(entry["nfe_range"]),
             knots=int(entry["knots"]),
+            grid=entry.get("grid"),
             init=str(entry.get("init", entry["base"])),
             model_fingerprint=model_fingerprint,
         )
