@@ -97,3 +97,17 @@ def test_bespoke_export_prints_each_format_and_refuses_what_has_none(tmp_path, c
     assert "no finite noise level" in capsys.readouterr().err
     assert main(["export", "dpm++2m", "--model", "zoo:digits-ot", "--nfe", "4", "--format", "timesteps"]) == 2
     assert "takes canonical time" in capsys.readouterr().err
+
+
+def test_a_schedule_file_serves_every_nfe_of_its_range_in_bespoke_scheduler(tmp_path):
+    from bespoke.integrations.diffusers import BespokeScheduler
+
+    flow = bespoke.load_model("zoo:digits-vp", guidance=None)
+    s = random_schedule("dpm++2m", (3, 6)).bind_model(flow)
+    file = tmp_path / "s.safetensors"
+    bespoke.save_solvers(file, [s], flow)
+    sched = BespokeScheduler.from_solvers(file, flow)
+    assert sched.nfes == [3, 4, 5, 6]
+    sched.set_timesteps(5)
+    want = torch.tensor(schedule_in_units(s.at(5), flow)["times"][:-1], dtype=torch.float64)
+    assert torch.allclose(sched.timesteps.double(), flow.scheduler.timestep(want), atol=1e-3)
