@@ -35,7 +35,7 @@ from bespoke.solvers.schedule import parse_nfe_range  # noqa: E402
 from bespoke.train import generate_gt  # noqa: E402
 from bespoke.train.loop import FitConfig  # noqa: E402
 from bespoke.train.pairs import solver_psnr  # noqa: E402
-from bespoke.train.schedule import train_schedule  # noqa: E402
+from bespoke.train.schedule import SCHEDULE_LR, train_schedule  # noqa: E402
 
 MARK = "schedules"
 GRIDS = ("uniform", "logsnr", "edm")
@@ -75,16 +75,17 @@ def psnr_of(method: str, nfe: int, grid, flow, pairs) -> float:
 
 def run_cell(name: str, method: str, args) -> dict:
     out = args.cache / name
-    done = out / f"schedule-{method}-{args.lo}-{args.hi}.json"
+    tag = f"schedule-{method}-{args.lo}-{args.hi}-{args.iterations}-{args.lr:g}"
+    done = out / f"{tag}.json"
     if done.exists():
         return json.loads(done.read_text())
     flow = bespoke.load_model(f"zoo:{name}")
     gt = generate_gt(flow, out / "gt", num=768, shard_size=128, trajectory=33, quiet=args.quiet)
     val, evaluation = gt.slice(0, args.val), gt.slice(args.val, args.val + args.eval)
     train = gt.slice(256, 256 + args.train)
-    file = out / f"schedule-{method}-{args.lo}-{args.hi}.safetensors"
+    file = out / f"{tag}.safetensors"
     if not file.exists():
-        config = FitConfig(iterations=args.iterations)
+        config = FitConfig(iterations=args.iterations, lr=args.lr)
         ckpt = file.with_suffix(".ckpt")
         s = train_schedule(flow, train, val, method, args.range, config=config, checkpoint=ckpt, quiet=args.quiet)
         save_solvers(file, [s], flow)
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="dpm++2m,unipc")
     ap.add_argument("--range", default="3-20")
     ap.add_argument("--iterations", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=SCHEDULE_LR)
     ap.add_argument("--val", type=int, default=128)
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--train", type=int, default=512)
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     results = [run_cell(m, meth, args) for m in args.models.split(",") for meth in args.methods.split(",")]
     cmd = (
         f"python benchmarks/schedules.py --models {args.models} --methods {args.methods} --range {args.range} "
-        f"--iterations {args.iterations} --val {args.val} --eval {args.eval} --train {args.train}"
+        f"--iterations {args.iterations} --lr {args.lr:g} --val {args.val} --eval {args.eval} --train {args.train}"
     )
     lines = [
         "## Learned schedules: one per method and model, for every NFE of a range",

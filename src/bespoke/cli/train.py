@@ -23,7 +23,7 @@ from bespoke import BespokeError, budget, distributed
 from bespoke.solvers.files import KINDS, RANGE_KINDS
 from bespoke.solvers.schedule import SCHEDULE_BASES, parse_nfe_range
 from bespoke.train.bns import BNS_ITERATIONS
-from bespoke.train.schedule import SCHEDULE_ITERATIONS
+from bespoke.train.schedule import SCHEDULE_ITERATIONS, SCHEDULE_LR
 
 from .common import (
     add_model_args,
@@ -89,7 +89,8 @@ def register(sub) -> None:
         f"{BESPOKE_ITERATIONS} for bespoke-rk*; {SCHEDULE_ITERATIONS} for schedule:*)",
     )
     p.add_argument("--batch-size", type=positive_int, default=40, help="pairs per iteration (default 40)")
-    p.add_argument("--lr", type=finite_float, default=1e-2, help="peak learning rate (default 1e-2)")
+    lr_help = f"peak learning rate (default 0.01; {SCHEDULE_LR:g} for schedule:*)"
+    p.add_argument("--lr", type=finite_float, default=None, help=lr_help)
     p.add_argument(
         "--grad-checkpoint",
         action="store_true",
@@ -283,7 +284,9 @@ def cmd_train(args) -> int:
     train, val = _pairs(args, flow, dev)
     default = {"bns": BNS_ITERATIONS, "schedule": SCHEDULE_ITERATIONS}.get(args.solver.partition(":")[0])
     iterations = args.iterations or default or BESPOKE_ITERATIONS
-    config = bespoke.FitConfig(iterations=iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    lr = SCHEDULE_LR if args.solver.startswith("schedule:") else bespoke.FitConfig.lr
+    lr = lr if args.lr is None else args.lr
+    config = bespoke.FitConfig(iterations=iterations, batch_size=args.batch_size, lr=lr, seed=args.seed)
     solvers = train_file(
         flow,
         args.solver,
