@@ -10,7 +10,7 @@ from bespoke.solvers.schedule import SCHEDULE_BASES, ScheduleSolver
 from bespoke.train import generate_gt
 from bespoke.train.loop import FitConfig
 from bespoke.train.pairs import solver_psnr
-from bespoke.train.schedule import select_grid, train_schedule
+from bespoke.train.schedule import select_grid, train_schedule, warped_start
 from helpers import Killed, killing_flow
 
 PATHS = ("condot", "cosine", "vp-discrete")
@@ -123,14 +123,26 @@ def test_training_starts_from_the_best_fixed_grid_and_records_every_grid_it_scor
     gt = generate_gt(vp, tmp_path / "gt", num=96, shard_size=96, quiet=True)
     train, val = gt.slice(32, 96), gt.slice(0, 32)
     start, scores = select_grid(vp, val, "dpm++2m", (3, 6), knots=4)
-    assert set(scores) == {f"dpm++2m[{g}]" for g in ("uniform", "quadratic", "logsnr", "edm")}
-    assert start.init == max(scores, key=scores.get) and start.grid_name in start.init
+    assert {f"dpm++2m[{g}]" for g in ("uniform", "quadratic", "logsnr", "edm")} <= set(scores)
+    assert start.init == max(scores, key=scores.get) and start.init.startswith(f"dpm++2m[{start.grid_name}")
     s = train_schedule(vp, train, val, "dpm++2m", "3-6", knots=4, config=FitConfig(iterations=4), quiet=True)
     assert s.init == start.init and s.training_summary["init_candidates_psnr"] == {
         k: round(v, 4) for k, v in scores.items()
     }
     fixed = train_schedule(vp, train, val, "dpm++2m", "3-6", init="edm", config=FitConfig(iterations=4), quiet=True)
     assert fixed.init == "dpm++2m[edm]" and fixed.grid_name == "edm"
+
+
+def test_a_warped_start_follows_one_grid_at_the_low_end_and_another_at_the_high_end(flow):
+    sch = flow.scheduler
+    s = warped_start(flow, "unipc", (3, 12), 8, high="logsnr", low="quadratic")
+    assert s.init == "unipc[logsnr; quadratic at NFE 3]" and s.grid_name == "logsnr"
+    gap = lambda a, b: max(abs(x - y) for x, y in zip(a, b))  # noqa: E731
+    assert gap(s.at(12).grid(sch), bespoke.solver("unipc", 12, grid="logsnr").times(sch)) < 1e-12
+    want = bespoke.solver("unipc", 3, grid="quadratic").times(sch)
+    assert gap(s.at(3).grid(sch), want) < 5e-3  # exact at the knots (up to the floor), linear between them
+    middle = torch.tensor(s.at(6).grid(sch))
+    assert bool((torch.diff(middle) > 0).all())
 
 
 def test_a_killed_schedule_run_resumes_bit_identical(flow, pairs, tmp_path):

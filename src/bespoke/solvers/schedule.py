@@ -205,6 +205,14 @@ class ScheduleSolver(Learned):
         a = math.log(n / lo) / math.log(hi / lo) if hi > lo else 0.0
         return (1 - a) * ends[0] + a * ends[1]
 
+    def set_heights(self, end: int, heights: torch.Tensor) -> None:
+        """Make the warp at the range's lowest (end 0) or highest (end 1) NFE pass through `heights` (K + 1
+        increasing values from 0 to 1, each rise at least _FLOOR / K), undoing the floor mixing of `heights`."""
+        uniform = torch.linspace(0, 1, self.knots + 1, dtype=torch.float64)
+        learned = (heights.to(torch.float64) - _FLOOR * uniform) / (1 - _FLOOR)
+        with torch.no_grad():
+            self.log_inc[end] = torch.log(torch.diff(learned).clamp(min=1e-12))
+
     def warp(self, f: torch.Tensor, nfe: int | None = None) -> torch.Tensor:
         """w_n(f): piecewise linear through (k / K, H_n[k])."""
         heights = self.heights(nfe)
