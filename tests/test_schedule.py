@@ -166,6 +166,26 @@ def test_bespoke_train_learns_a_schedule_for_a_range_and_sample_uses_it(tmp_path
     args = ["train", "--model", "zoo:gmm2d", "--solver", "schedule:dpm++2m", "--nfe", "3-6", "--out", str(out)]
     assert main([*args, "--val-samples", "32", "--train-samples", "64", "--iterations", "8", "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out and out.exists()
+    assert (
+        main(
+            [
+                *args[:-1],
+                str(tmp_path / "u.safetensors"),
+                "--gt",
+                str(out) + ".gt",
+                "--init",
+                "uniform",
+                "--val-samples",
+                "32",
+                "--iterations",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert bespoke.load_solver(tmp_path / "u.safetensors", 4).grid_name == "uniform"
+    capsys.readouterr()
     assert not (tmp_path / "s.safetensors.gt" / "manifest.json").read_text().count('"trajectory": 65')
     sample = ["sample", "--model", "zoo:gmm2d", "--solver", str(out), "-n", "8", "--quiet"]
     assert main([*sample, "--nfe", "5", "--out", str(tmp_path / "x.safetensors")]) == 0

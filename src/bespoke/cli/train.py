@@ -71,7 +71,8 @@ def register(sub) -> None:
         default="auto",
         metavar="SOLVER",
         help="bns: auto (best dedicated solver), a solver name or KIND:FILE; bespoke-rk*: auto, identity or a "
-        "path name (condot, cosine, vp, edm)",
+        "path name (condot, cosine, vp, edm); schedule:*: auto (the best fixed grid at each end of the range) or "
+        "the grid to warp (uniform, quadratic, logsnr, edm)",
     )
     p.add_argument(
         "--precondition", type=positive_float, default=1.0, metavar="SIGMA0", help="bns preconditioning σ₀ (default 1)"
@@ -153,7 +154,7 @@ def train_file(
     for nfe, ckpt in zip(nfes, mine):
         common = dict(config=config, checkpoint=ckpt, grad_checkpoint=grad_checkpoint, device=device, quiet=quiet)
         if kind.startswith("schedule:"):
-            s = bespoke.train_schedule(flow, train, val, kind.partition(":")[2], nfe, **common)
+            s = bespoke.train_schedule(flow, train, val, kind.partition(":")[2], nfe, init=init, **common)
         elif kind == "bns":
             s = bespoke.train_bns(flow, train, val, nfe, init=init, sigma0=sigma0, **common)
         else:
