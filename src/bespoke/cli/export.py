@@ -39,12 +39,13 @@ def cmd_export(args) -> int:
         flow = bespoke.load_model(args.model, path=args.path, guidance=None)
         solver = bespoke.solver(args.file, args.nfe)
     else:
-        spec = args.model or read_metadata(args.file)["model"].get("name")
+        record = read_metadata(args.file)["model"]
+        spec = args.model or record.get("name")
         if not spec:
             raise BespokeError(f"{args.file} does not name its model: add --model SPEC")
         flow = bespoke.load_model(spec, path=args.path, guidance=None)
         solver = bespoke.load_solver(args.file, args.nfe)
-        mine = read_metadata(args.file)["model"]["fingerprint"]
+        mine = record["fingerprint"]
         if mine != flow.fingerprint and not args.force:
             raise BespokeError(
                 f"{args.file} was trained for the model with fingerprint {mine}, but {spec} has {flow.fingerprint}; "

@@ -11,6 +11,8 @@ and bit-identical resume) is the shared loop of train/pairs.py.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import BespokeError, NonFiniteVelocity
@@ -18,7 +20,7 @@ from ..solvers.grids import CONTINUOUS, continuous_grid
 from ..solvers.schedule import ScheduleSolver, parse_nfe_range
 from .bns import log_mse_loss
 from .loop import FitConfig
-from .pairs import fit_solver, solver_psnr, training_summary
+from .pairs import fit_solver, solver_psnr, to_device, training_summary
 
 __all__ = ["train_schedule", "select_grid", "warped_start", "SCHEDULE_KNOTS", "SCHEDULE_ITERATIONS", "SCHEDULE_LR"]
 
@@ -113,6 +115,7 @@ def train_schedule(
     else:
         start = ScheduleSolver(base, nfe_range, knots=knots, grid=init)
     start.bind_model(flow)
+    before = copy.deepcopy(start)  # training moves the start's parameters in place
     nfes = start.valid_nfes()
 
     def loss(m, pairs, idx, it):  # one NFE per iteration, cycling; all of them for the whole-set loss
@@ -131,14 +134,15 @@ def train_schedule(
         device=device,
         quiet=quiet,
     )
-    before = ScheduleSolver(base, nfe_range, knots=knots, grid=start.grid_name)  # as the run started
+    if device is not None:  # the summary scores where training ran
+        val, before = to_device(val, device), before.to(device)
     views = {
         v.nfe: (solver_psnr(b, flow, val), solver_psnr(v, flow, val))
         for b, v in zip(before.validation_views(), module.validation_views())
     }
     module.training_summary = training_summary(
         "mean per-sample log-MSE (BNS Eq. 13), one NFE of the range per iteration; kept: the largest smallest "
-        "validation gain over the method's grid at the validation NFEs (the history)",
+        "validation gain over the start at the validation NFEs (the history)",
         module.init,
         scores,
         train,
