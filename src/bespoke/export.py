@@ -17,6 +17,7 @@ canonical times those integers stand for, so that a sampler on them can be compa
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -87,8 +88,6 @@ def schedule_in_units(solver, flow) -> dict:
 
 def exported(solver, flow, fmt: str) -> str:
     """The text `bespoke export` prints: a list in the model's units, or the JSON record of the schedule."""
-    import json
-
     if fmt not in FORMATS:
         raise BespokeError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     units = schedule_in_units(solver, flow)

@@ -22,7 +22,7 @@ from .bns import BNSSolver
 from .grids import CONTINUOUS
 from .learned import guidance_record
 from .scale_time import BespokeSolver
-from .schedule import SCHEDULE_BASES, ScheduleSolver
+from .schedule import SCHEDULE_BASES, ScheduleSolver, nfes_served
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "save_solvers", "load_solvers", "load_solver", "read_metadata", "model_record"]
 
@@ -94,9 +94,8 @@ def save_solvers(path, solvers, flow) -> None:
 
 
 def _same_parameters(a, b) -> bool:
-    return a.state_tensors().keys() == b.state_tensors().keys() and all(
-        torch.equal(v, b.state_tensors()[k]) for k, v in a.state_tensors().items()
-    )
+    mine, theirs = a.state_tensors(), b.state_tensors()
+    return mine.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in mine.items())
 
 
 def _twice(nfes: list[int]) -> int:
@@ -261,8 +260,7 @@ def _serves(meta: dict) -> dict[int, str]:
     out = {}
     for key, entry in meta["solvers"].items():
         if entry["kind"] in RANGE_KINDS:
-            probe = ScheduleSolver(entry["base"], tuple(entry["nfe_range"]), knots=entry["knots"])
-            out.update({n: key for n in probe.valid_nfes()})
+            out.update({n: key for n in nfes_served(entry["base"], entry["nfe_range"])})
         else:
             out[int(key)] = key
     return dict(sorted(out.items()))

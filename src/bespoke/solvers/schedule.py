@@ -35,7 +35,7 @@ from .grids import CONTINUOUS, continuous_grid
 from .learned import Learned, evaluator
 from .nonstationary import NSSolver, run_ns
 
-__all__ = ["ScheduleSolver", "CompiledGrid", "SCHEDULE_BASES", "parse_nfe_range"]
+__all__ = ["ScheduleSolver", "CompiledGrid", "SCHEDULE_BASES", "nfes_served", "parse_nfe_range"]
 
 _FD_STEP = 1e-6  # central-difference step in grid fraction (compiles are exact to ~1e-15)
 _FLOOR = 1e-3  # the share of the warp that stays uniform, so that no segment collapses in float64
@@ -45,10 +45,18 @@ def _bases() -> dict[str, str]:
     """{method: its recommended grid} for every built-in method a schedule can drive."""
     from . import METHODS
 
-    return {name: m.grid for name, m in METHODS.items() if m.grid in ("uniform", "quadratic", "logsnr", "edm")}
+    return {name: m.grid for name, m in METHODS.items() if m.grid in CONTINUOUS}
 
 
 SCHEDULE_BASES = tuple(_bases())  # edm-heun starts at EDM's sigma_max, not at t = 0: its schedule is heun's
+
+
+def nfes_served(base: str, nfe_range) -> list[int]:
+    """Every NFE in `nfe_range` (lo, hi) that the built-in method `base` takes (midpoint: the even ones)."""
+    from . import METHODS
+
+    method = METHODS[base]
+    return [n for n in range(nfe_range[0], nfe_range[1] + 1) if method.largest_nfe(n) == n]
 
 
 def parse_nfe_range(value) -> tuple[int, int]:
@@ -146,14 +154,11 @@ class ScheduleSolver(Learned):
         return f"{lo}-{hi}" if lo != hi else str(lo)
 
     def valid_nfes(self) -> list[int]:
-        from . import METHODS
-
-        method = METHODS[self.base]
-        return [n for n in range(self.nfe_range[0], self.nfe_range[1] + 1) if method.largest_nfe(n) == n]
+        return nfes_served(self.base, self.nfe_range)
 
     def _check_nfe(self, nfe) -> int:
-        if nfe not in self.valid_nfes():
-            valid = self.valid_nfes()
+        valid = self.valid_nfes()
+        if nfe not in valid:
             listed = ", ".join(map(str, valid)) if len(valid) <= 8 else f"{valid[0]}, {valid[1]}, ..., {valid[-1]}"
             raise BespokeError(
                 f"this {self.base} schedule serves NFE {self.range_text()} ({listed}), not {nfe!r}; "

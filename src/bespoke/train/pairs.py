@@ -129,7 +129,6 @@ def fit_solver(flow, train, val, initial, batch_loss, config, *, signature, chec
 
     signature = {"kind": module.kind, "nfe": module.nfe, "init": module.init, **signature}
     signature.update(model=flow.fingerprint, train=len(train), val=len(val))
-
     result = fit(
         module,
         loss_fn,
