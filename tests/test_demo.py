@@ -23,7 +23,10 @@ FILES = (
     "learned.png",
     "bns.safetensors",
     "bespoke-rk2.safetensors",
+    "schedule-dpm++2m.safetensors",
 )
+LEARNED = ("bns", "bespoke-rk2", "schedule-dpm++2m")
+NFES = list(range(4, 17))
 
 
 def _bespoke(*argv, cwd):
@@ -40,8 +43,8 @@ def demo(tmp_path_factory):
     first = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", cwd=tmp)
     assert first[0] == 0, first[2]
     results = (tmp / "d" / "results.json").read_text()
-    solvers = ",".join(["all", "d/bns.safetensors", "d/bespoke-rk2.safetensors"])
-    common = ["eval", "--model", "zoo:gmm2d", "--solvers", solvers, "--nfe", "4,8,16", "--quiet"]
+    solvers = ",".join(["all", *(f"d/{name}.safetensors" for name in LEARNED)])
+    common = ["eval", "--model", "zoo:gmm2d", "--solvers", solvers, "--nfe", "4-16", "--quiet"]
     with_gt = _bespoke(*common, "--gt", "d/cache/gt-eval", "--json", "gt.json", cwd=tmp)
     with_seed = _bespoke(*common, "--num", "64", "--seed", "0", "--labels", "random", "--json", "seed.json", cwd=tmp)
     again = _bespoke("demo", "--fast", "--model", "zoo:gmm2d", "--out", "d", "--quiet", cwd=tmp)
@@ -71,7 +74,7 @@ def test_demo_writes_every_file(demo):
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     rc, stdout, stderr = demo["first"]
     assert "%|" in stderr  # progress bars
-    assert "bns" in stdout and "bespoke-rk2" in stdout and "PSNR (dB)" in stdout
+    assert all(name in stdout for name in LEARNED) and "PSNR (dB)" in stdout
     report = (out / "report.md").read_text()
     for part in (
         "## PSNR against ground truth",
@@ -91,16 +94,17 @@ def test_report_numbers_equal_eval_on_the_same_noise(demo):
     mine = _psnr(demo["tmp"] / "d" / "results.json")
     theirs = _psnr(demo["tmp"] / "gt.json")
     assert mine.keys() == theirs.keys()
-    assert {k for k in mine if k[0] in ("bns", "bespoke-rk2")} == {("bns", 8), ("bespoke-rk2", 8)}
+    learned = {k for k in mine if k[0] in LEARNED}  # BNS at 8; one RK2 solver at 4, 6, ..., 16; one schedule at 4-16
+    assert learned == {("bns", 8), *(("bespoke-rk2", n) for n in NFES[::2]), *(("schedule-dpm++2m", n) for n in NFES)}
     assert mine == theirs  # bit for bit: the same solvers, noise and ground truth
     report = (demo["tmp"] / "d" / "report.md").read_text()
     rows = {}
     for line in report.splitlines():
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
-        if len(cells) == 4 and cells[0] in (*bespoke.SOLVER_NAMES, "bns", "bespoke-rk2") and "." in line:
+        if len(cells) == 1 + len(NFES) and cells[0] in (*bespoke.SOLVER_NAMES, *LEARNED) and "." in line:
             rows.setdefault(cells[0], cells[1:])  # the first table is PSNR
     for (name, nfe), value in theirs.items():
-        assert rows[name][[4, 8, 16].index(nfe)].rstrip("*") == f"{value:.2f}", (name, nfe)
+        assert rows[name][NFES.index(nfe)].rstrip("*") == f"{value:.2f}", (name, nfe)
 
 
 def test_eval_from_the_seed_agrees_with_the_cached_ground_truth(demo):
@@ -121,6 +125,7 @@ def test_rerun_reuses_ground_truth_and_solvers(demo):
     assert stderr == ""  # --quiet
     report = (demo["tmp"] / "d" / "report.md").read_text()
     steps = ("ground truth, evaluation pairs", "ground truth, training pairs", "train BNS", "train RK2-Bespoke")
+    steps += ("train dpm++2m schedule",)
     for step in (*steps, "evaluation"):
         assert f"| {step} | cached |" in report, step
     assert _psnr(demo["tmp"] / "d" / "results.json") == _psnr(demo["tmp"] / "gt.json")

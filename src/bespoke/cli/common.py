@@ -34,6 +34,20 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def nfe_list(text: str) -> list[int]:
+    """--nfe of eval/sample-like commands: comma-separated NFEs and LO-HI ranges (4,8,16 or 4-16 or 3,6-8)."""
+    out = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if dash and lo.strip().isdigit() and hi.strip().isdigit() and 1 <= int(lo) <= int(hi):
+            out += [n for n in range(int(lo), int(hi) + 1) if n not in out]
+        elif dash:
+            raise argparse.ArgumentTypeError(f"an NFE range is LO-HI with 1 <= LO <= HI (e.g. 4-16), got {part!r}")
+        else:
+            out += [n for n in int_list(part) if n not in out]
+    return out
+
+
 def int_list(text: str) -> list[int]:
     out = []
     for part in text.split(","):

@@ -1,19 +1,23 @@
-"""`bespoke demo`: the main job. On a bundled model, learn a BNS and an RK2-Bespoke solver and show,
-in a table and in pictures, how they compare with every dedicated solver from the same noise.
+"""`bespoke demo`: the main job. On a bundled model, learn a BNS solver, an NFE-agnostic RK2-Bespoke solver
+and a dpm++2m schedule, and show, in a table and in pictures, how they compare with every dedicated solver
+from the same noise.
 
-    bespoke demo [--model zoo:digits-ot] [--nfe 8] [--out bespoke-demo] [--fast]
+    bespoke demo [--model zoo:digits-ot] [--nfe 8] [--range 4-16] [--out bespoke-demo] [--fast]
 
 Steps: (1) ground truth for evaluation (pairs 0..E-1 of seed S) and (2) for training (seed S+1, with
-dense trajectories for Bespoke); (3) train BNS and (4) RK2-Bespoke at each --nfe; (5) evaluate every
-solver at NFE 4, 8, 16 on the evaluation pairs, exactly as `bespoke eval --gt OUT/cache/gt-eval`
-does; (6) write report.md, results.json (eval JSON), psnr_vs_nfe.png, samples.png, learned.png and
-the solver files into --out. Everything slow is cached under OUT/cache/ (the evaluation per solver and
+dense trajectories for Bespoke); (3) train BNS at each --nfe, (4) ONE RK2-Bespoke solver for every NFE of
+--range and (5) ONE learned dpm++2m schedule for the range; (6) evaluate every solver at every NFE of the
+range (and --nfe) on the evaluation pairs, exactly as `bespoke eval --gt OUT/cache/gt-eval` does; (7) write
+report.md, results.json (eval JSON), psnr_vs_nfe.png (the range solvers as curves), samples.png, learned.png
+and the solver files into --out. Everything slow is cached under OUT/cache/ (the evaluation per solver and
 NFE in OUT/cache/eval/, keyed by the model, the pairs, the solver file's bytes, the device and the
 version), so a re-run (or a run killed half-way) redoes only what is missing.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import platform
@@ -28,7 +32,9 @@ import torch
 import bespoke
 from bespoke import BespokeError, plots
 from bespoke.io import read_tensors, save_tensors
-from bespoke.solvers.files import load_solvers, model_record
+from bespoke.solvers.files import entry_key, load_solvers, model_record
+from bespoke.solvers.ranged import parse_nfe_range
+from bespoke.train.schedule import SCHEDULE_LR
 
 from . import evaluate as ev
 from .common import (
@@ -44,8 +50,16 @@ from .common import (
 )
 from .train import check_training_budget, summary_line, train_file
 
-EVAL_NFES = (4, 8, 16)
-LEARNED = {"bns": "BNS", "bespoke-rk2": "RK2-Bespoke"}
+LEARNED = {"bns": "BNS", "bespoke-rk2": "RK2-Bespoke", "schedule:dpm++2m": "dpm++2m schedule"}  # kind: label
+RANGED = ("bespoke-rk2", "schedule:dpm++2m")  # trained once for every NFE of --range
+STEPS = 7
+
+
+def _stem(kind: str) -> str:
+    """The solver file's name in --out (and the solver's name in the tables) for a learned kind."""
+    return kind.replace(":", "-")
+
+
 GRID_COLUMNS = 10
 
 
@@ -71,11 +85,20 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: learn solvers for a bundled model and compare them with every dedicated solver",
-        description="Train BNS and RK2-Bespoke solvers on a model, evaluate them against every built-in solver "
-        "at NFE 4/8/16 from the same noise, and write a report with pictures.",
+        description="Train a BNS solver, an NFE-agnostic RK2-Bespoke solver and a learned dpm++2m schedule on a "
+        "model, evaluate them against every built-in solver at every NFE of a range from the same noise, and "
+        "write a report with pictures.",
     )
     p.add_argument("--model", default="zoo:digits-ot", metavar="SPEC", help="model spec (default zoo:digits-ot)")
-    p.add_argument("--nfe", type=int_list, default=[8], metavar="N,N,...", help="NFEs to learn solvers for (default 8)")
+    p.add_argument("--nfe", type=int_list, default=[8], metavar="N,N,...", help="NFEs to learn BNS for (default 8)")
+    p.add_argument(
+        "--range",
+        type=nfe_range,
+        default=(4, 16),
+        metavar="LO-HI",
+        help="the NFEs of the NFE-agnostic RK2-Bespoke solver and the learned schedule, and of the curves "
+        "(default 4-16)",
+    )
     p.add_argument("--out", default="bespoke-demo", metavar="DIR", help="output directory (default ./bespoke-demo)")
     p.add_argument("--fast", action="store_true", help="fewer pairs and iterations: a 2-minute run")
     p.add_argument(
@@ -91,6 +114,14 @@ def register(sub) -> None:
     )
     add_run_args(p)
     p.set_defaults(func=cmd_demo, path=None, labels=None)
+
+
+def nfe_range(text: str) -> tuple[int, int]:
+    """--range LO-HI."""
+    try:
+        return parse_nfe_range(text)
+    except BespokeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -131,20 +162,24 @@ def _ground_truth(clock: Clock, label: str, flow, where: Path, *, num: int, **se
 
 
 def _learned(flow, kind, nfes, train, val, cache: Path, profile, args, dev, clock: Clock) -> Path:
-    """The solver file of `kind` for `nfes`: from the cache when it holds one for these settings, else trained."""
-    stored = cache / f"{kind}-{_key(flow, profile, kind, nfes, args.seed)}.safetensors"
+    """The solver file of `kind` for `nfes` (NFEs, or [(LO, HI)] for one solver for a range): from the cache when
+    it holds one for these settings, else trained."""
+    stored = cache / f"{_stem(kind)}-{_key(flow, profile, kind, nfes, args.seed)}.safetensors"
     label = f"train {LEARNED[kind]}"
     try:
-        if set(nfes) <= set(load_solvers(stored, flow=flow)):
-            clock.cached(label)
-            say(args, f"{LEARNED[kind]}: reusing {stored}")
-            return stored
+        load_solvers(stored, flow=flow)
+        clock.cached(label)
+        say(args, f"{LEARNED[kind]}: reusing {stored}")
+        return stored
     except BespokeError:
         pass  # missing or damaged: train it again
-    say(args, f"{LEARNED[kind]}: training at NFE {', '.join(map(str, nfes))} ...")
+    what = ", ".join(f"{n[0]}-{n[1]}" if isinstance(n, tuple) else str(n) for n in nfes)
+    say(args, f"{LEARNED[kind]}: training at NFE {what} ...")
     config = bespoke.FitConfig(
         iterations=profile.iterations, val_every=max(10, profile.iterations // 5), seed=args.seed
     )
+    if kind.startswith("schedule:"):
+        config = dataclasses.replace(config, lr=SCHEDULE_LR)
     clock.run(
         label,
         lambda: train_file(
@@ -265,7 +300,7 @@ def _evaluation(flow, names, nfes, gt, where: Path, dev: str, args, clock: Clock
     missing = [k for k, c in found.items() if c is None]
     say(
         args,
-        f"[5/5] evaluating every solver at NFE {', '.join(map(str, nfes))} on the evaluation pairs "
+        f"[6/{STEPS}] evaluating every solver at NFE {', '.join(map(str, nfes))} on the evaluation pairs "
         f"({len(keys) - len(missing)} of {len(keys)} cells cached) ...",
     )
 
@@ -342,7 +377,8 @@ def _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_ev
         *_markdown_table(cells, names, nfes, _psnr),
         "",
         "`*`: the solver ran at the largest NFE it takes below the one asked for; `–`: it cannot run there "
-        "(learned solvers exist only at the NFEs they were trained for).",
+        f"(BNS exists only at the NFEs it was trained for; RK2-Bespoke and the dpm++2m schedule are one solver "
+        f"each for every NFE of {args.range[0]}-{args.range[1]}, RK2 at the even ones).",
     ]
     if fd is not None:
         lines += [
@@ -355,7 +391,8 @@ def _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_ev
             *_markdown_table(cells, names, nfes, lambda c: fd.get(f"{c.solver}@{c.requested}"), best=min),
         ]
     lines += ["", "## Learned solvers", ""]
-    lines += [f"- {summary_line(s)}" for s in learned_solvers]
+    entries = {(kind, entry_key(s)): s for kind, by_nfe in learned_solvers.items() for s in by_nfe.values()}
+    lines += [f"- {summary_line(s)}" for s in entries.values()]
     lines += ["", "## Timings", "", "| step | wall time |", "|---|---|"]
     lines += [f"| {k} | {'cached' if c else f'{t:.0f} s'} |" for k, (t, c) in clock.steps.items()]
     lines += [f"| **total** | **{total:.0f} s** |"]
@@ -373,20 +410,24 @@ def _report(args, profile, cells, names, nfes, fd, learned_solvers, clock, gt_ev
         "",
         "```",
         *[
-            f"bespoke sample --model {args.model} --solver {Path(args.out) / (kind + '.safetensors')} "
-            f"--nfe {args.nfe[0]} --num 64 --out samples.safetensors --grid samples.png"
+            f"bespoke sample --model {args.model} --solver {Path(args.out) / (_stem(kind) + '.safetensors')} "
+            f"--nfe {args.nfe[0] if kind not in RANGED else args.range[0]} --num 64 --out samples.safetensors "
+            "--grid samples.png"
             for kind in LEARNED
         ],
         f"bespoke eval --model {args.model} --gt {Path(args.out) / 'cache' / 'gt-eval'} --solvers "
-        + ",".join(["dpm++2m", *[str(Path(args.out) / (k + ".safetensors")) for k in LEARNED]])
+        + ",".join(["dpm++2m", *[str(Path(args.out) / (_stem(k) + ".safetensors")) for k in LEARNED]])
         + f" --nfe {','.join(map(str, nfes))}",
+        f"bespoke export {Path(args.out) / (_stem('schedule:dpm++2m') + '.safetensors')} --nfe {args.range[0]} "
+        "--format json   # the learned schedule in the model's own units, for stock samplers",
         "```",
     ]
     return "\n".join(lines) + "\n"
 
 
 def _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, out) -> str:
-    """PSNR-vs-NFE curves, the sample grid and the learned-parameter plot; returns the best dedicated solver."""
+    """PSNR-vs-NFE curves, the sample grid and the learned-parameter plot; returns the best dedicated solver.
+    learned_solvers: {kind: {NFE: solver}}."""
     at = {(c.solver, c.requested): c for c in cells if c.result is not None and c.run_at == c.requested}
     dedicated = [n for n in bespoke.SOLVER_NAMES if (n, main_nfe) in at]
     if not dedicated:
@@ -395,11 +436,18 @@ def _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, ou
     pictures = plots.is_image(flow.sample_shape) or flow.decode is not None  # latents are drawn decoded
     k = min(GRID_COLUMNS, noise.shape[0]) if pictures else noise.shape[0]
     rows = [(f"{best} (best dedicated)", at[best, main_nfe].result.samples[:k])]
-    rows += [(LEARNED[kind], at[kind, main_nfe].result.samples[:k]) for kind in LEARNED if (kind, main_nfe) in at]
+    rows += [
+        (label, at[_stem(kind), main_nfe].result.samples[:k])
+        for kind, label in LEARNED.items()
+        if (_stem(kind), main_nfe) in at
+    ]
     results = ev.results_of(cells)
     title = f"{args.model}, {noise.shape[0]} evaluation samples"
     plots.psnr_vs_nfe(
-        results, out / "psnr_vs_nfe.png", title=f"{title}: PSNR against ground truth", learned=tuple(LEARNED)
+        results,
+        out / "psnr_vs_nfe.png",
+        title=f"{title}: PSNR against ground truth",
+        learned=tuple(map(_stem, LEARNED)),
     )
     plots.sample_grid(
         rows,
@@ -411,7 +459,7 @@ def _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, ou
     )
     plots.learned_parameters(
         (best, bespoke.solver(best, main_nfe)),
-        [(LEARNED[s.kind], s) for s in learned_solvers if s.nfe == main_nfe],
+        [(LEARNED[kind], by_nfe[main_nfe]) for kind, by_nfe in learned_solvers.items() if main_nfe in by_nfe],
         out / "learned.png",
         flow=flow,
         title=f"{args.model} at NFE {main_nfe}: where each solver evaluates the model, and what learning "
@@ -432,7 +480,7 @@ def cmd_demo(args) -> int:
     cache = out / "cache"
     flow = load_flow(args)
     args.latent = flow.decode is not None
-    check_training_budget(flow, args.nfe, max(profile.val, bespoke.FitConfig().batch_size), dev)
+    check_training_budget(flow, [*args.nfe, args.range[1]], max(profile.val, bespoke.FitConfig().batch_size), dev)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -440,12 +488,12 @@ def cmd_demo(args) -> int:
     clock = Clock()
     gt_common = dict(shard_size=profile.shard, device=dev, quiet=args.quiet)
 
-    say(args, f"[1/5] ground truth for evaluation: {profile.eval} pairs (dopri5) ...")
+    say(args, f"[1/{STEPS}] ground truth for evaluation: {profile.eval} pairs (dopri5) ...")
     gt_eval = _ground_truth(
         clock, "ground truth, evaluation pairs", flow, cache / "gt-eval", num=profile.eval, seed=args.seed, **gt_common
     ).slice(0, profile.eval)
     n_fit = profile.val + profile.train
-    say(args, f"[2/5] ground truth for training: {n_fit} pairs with trajectories ...")
+    say(args, f"[2/{STEPS}] ground truth for training: {n_fit} pairs with trajectories ...")
     gt_fit = _ground_truth(
         clock,
         "ground truth, training pairs",
@@ -459,18 +507,21 @@ def cmd_demo(args) -> int:
     val, train = gt_fit.slice(0, profile.val), gt_fit.slice(profile.val, n_fit)
 
     files = {}
+    lo, hi = args.range
     for step, kind in enumerate(LEARNED, start=3):
-        say(args, f"[{step}/5] {LEARNED[kind]} at NFE {', '.join(map(str, args.nfe))}")
-        stored = _learned(flow, kind, args.nfe, train, val, cache, profile, args, dev, clock)
-        files[kind] = out / f"{kind}.safetensors"
+        nfes = [args.range] if kind in RANGED else args.nfe
+        what = f"one solver for every NFE of {lo}-{hi}" if kind in RANGED else f"NFE {', '.join(map(str, nfes))}"
+        say(args, f"[{step}/{STEPS}] {LEARNED[kind]}: {what}")
+        stored = _learned(flow, kind, nfes, train, val, cache, profile, args, dev, clock)
+        files[kind] = out / f"{_stem(kind)}.safetensors"
         _publish(stored, files[kind])
 
-    nfes = sorted(set(EVAL_NFES) | set(args.nfe))
+    nfes = sorted(set(range(lo, hi + 1)) | set(args.nfe))
     names = list(bespoke.SOLVER_NAMES) + [str(f) for f in files.values()]
     noise = gt_eval.noise.to(dev, torch.float64)
     reference = gt_eval.samples.to(dev)
     cells, held = _evaluation(flow, names, nfes, gt_eval, cache / "eval", dev, args, clock)
-    short = {str(f): kind for kind, f in files.items()}
+    short = {str(f): _stem(kind) for kind, f in files.items()}
     for c in cells:
         c.solver = short.get(c.solver, c.solver)
         if c.result is not None:
@@ -480,7 +531,7 @@ def cmd_demo(args) -> int:
     fd = clock.run("FD-digits", lambda: _fd(cells, reference, flow))
 
     main_nfe = args.nfe[0]
-    learned_solvers = [s for kind in LEARNED for s in load_solvers(files[kind], flow=flow).values()]
+    learned_solvers = {kind: load_solvers(files[kind], flow=flow) for kind in LEARNED}
     best = clock.run("pictures", lambda: _pictures(args, flow, cells, learned_solvers, noise, reference, main_nfe, out))
     settings = dict(
         ev.cache_settings(gt_eval, cache / "gt-eval"),
@@ -505,7 +556,8 @@ def cmd_demo(args) -> int:
     )
     print(ev.table(cells, names, nfes, header, flow.data_range, held))
     if fd is not None:
-        fds = ", ".join(f"{n} {fd[f'{n}@{main_nfe}']:.1f}" for n in (best, *LEARNED) if f"{n}@{main_nfe}" in fd)
+        stems = (best, *map(_stem, LEARNED))
+        fds = ", ".join(f"{n} {fd[f'{n}@{main_nfe}']:.1f}" for n in stems if f"{n}@{main_nfe}" in fd)
         print(f"\nFD-digits at NFE {main_nfe}: {fds} (ground truth {fd['ground truth']:.1f})")
     print(
         f"\nwrote {out}/: report.md, results.json, psnr_vs_nfe.png, samples.png, learned.png, "

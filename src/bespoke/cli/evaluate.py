@@ -32,8 +32,8 @@ from .common import (
     check_writable,
     conditioning,
     device,
-    int_list,
     load_flow,
+    nfe_list,
     positive_float,
     positive_int,
     print_error,
@@ -58,7 +58,9 @@ def register(sub) -> None:
         help=f"'all' or comma-separated names from: {', '.join(bespoke.SOLVER_NAMES)}, or solver files (*.safetensors)",
     )
     p.add_argument("--force", action="store_true", help="use solver files made for another model anyway")
-    p.add_argument("--nfe", required=True, type=int_list, metavar="N,N,...", help="NFE values, e.g. 4,8,16")
+    p.add_argument(
+        "--nfe", required=True, type=nfe_list, metavar="N,N,...", help="NFE values, e.g. 4,8,16 or 4-16 (every one)"
+    )
     p.add_argument(
         "-n", "--num", type=positive_int, default=None, help="number of samples (default 1000; with --gt: all)"
     )

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import bespoke
-from bespoke.solvers.files import RANGE_KINDS, load_solvers, read_metadata
+from bespoke.solvers.files import is_range_entry, load_solvers, read_metadata
 
 
 def register(sub) -> None:
@@ -36,8 +36,10 @@ def _model_line(model: dict) -> str:
 
 def _solver_lines(key: str, entry: dict) -> list[str]:
     kind = entry["kind"]
-    if kind in RANGE_KINDS:  # a learned schedule: its base method, and the warp of that method's grid
+    if kind == "schedule":  # a learned schedule: its base method, and the warp of that method's grid
         extra = f", method {entry['base']}, {entry['knots']} knots"
+    elif is_range_entry(entry):  # an NFE-agnostic Bespoke solver: one transform for the whole range
+        extra = f", base {entry['base']}, one transform of {entry['knots']} segments for every NFE in the range"
     else:
         extra = f", base {entry['base']} x {entry['steps']} steps" if "base" in entry else ""
     if entry.get("sigma0", 1.0) != 1.0:
@@ -48,8 +50,10 @@ def _solver_lines(key: str, entry: dict) -> list[str]:
         lines.append(f"  trained: {trained}")
     for nfe, heights in (entry.get("warp") or {}).items():
         lines.append(f"  warp of the method's grid at NFE {nfe}: " + ", ".join(f"{x:.4f}" for x in heights))
-    else:
-        lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry.get("times", [])))
+    for nfe, times in (entry.get("times_at") or {}).items():
+        lines.append(f"  times at NFE {nfe}: " + ", ".join(f"{x:.4f}" for x in times))
+    if "times" in entry:
+        lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry["times"]))
     return lines
 
 

@@ -3,6 +3,7 @@
     bespoke train --model zoo:digits-ot --solver bns --nfe 4,8,16 --out bns.safetensors
                   [--gt GT_DIR] [--init SOLVER] [--precondition SIGMA0] [--resume]
     bespoke train --model zoo:digits-vp --solver schedule:dpm++2m --nfe 4-16 --out sched.safetensors
+    bespoke train --model zoo:digits-ot --solver bespoke-rk2 --nfe 4-16 --out rk2.safetensors   (NFE-agnostic)
 
 Validation pairs are the first --val-samples of the GT cache, training pairs the next --train-samples.
 Without --gt the pairs are made (or reused) in OUT.gt/. Every validation writes a checkpoint to
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import bespoke
 from bespoke import BespokeError, budget, distributed
-from bespoke.solvers.files import KINDS, RANGE_KINDS
-from bespoke.solvers.schedule import SCHEDULE_BASES, parse_nfe_range
+from bespoke.solvers.files import KINDS
+from bespoke.solvers.ranged import Ranged, parse_nfe_range
+from bespoke.solvers.schedule import SCHEDULE_BASES
 from bespoke.train.bns import BNS_ITERATIONS
 from bespoke.train.schedule import SCHEDULE_ITERATIONS, SCHEDULE_LR
 
@@ -55,14 +57,15 @@ def register(sub) -> None:
         required=True,
         type=solver_kind,
         metavar="KIND",
-        help=f"what to learn: {', '.join(k for k in KINDS if k not in RANGE_KINDS)}, or schedule:METHOD (the time "
-        f"grid of a built-in method for a range of NFEs; METHOD one of {', '.join(SCHEDULE_BASES)})",
+        help=f"what to learn: {', '.join(LEARNED)}, or schedule:METHOD (the time grid of a built-in method for a "
+        f"range of NFEs; METHOD one of {', '.join(SCHEDULE_BASES)})",
     )
     p.add_argument(
         "--nfe",
         required=True,
         metavar="N,N,... | LO-HI",
-        help="one solver per NFE, e.g. 4,8,16; schedule:METHOD takes a range, e.g. 4-16",
+        help="one solver per NFE, e.g. 4,8,16; or a range, e.g. 4-16: one solver for every NFE in it "
+        "(schedule:METHOD, and NFE-agnostic bespoke-rk1/rk2)",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="the solver file to write (*.safetensors)")
     p.add_argument("--gt", metavar="GT_DIR", default=None, help="GT cache to train on (default: made in OUT.gt/)")
@@ -77,7 +80,12 @@ def register(sub) -> None:
     p.add_argument(
         "--precondition", type=positive_float, default=1.0, metavar="SIGMA0", help="bns preconditioning σ₀ (default 1)"
     )
-    p.add_argument("--loss", choices=("bound", "lte", "rmse"), default="bound", help="bespoke-rk* loss (default bound)")
+    p.add_argument(
+        "--loss",
+        choices=("bound", "lte", "rmse"),
+        default=None,
+        help="bespoke-rk* loss (default: bound; rmse for a range of NFEs)",
+    )
     p.add_argument("--val-samples", type=positive_int, default=256, help="validation pairs (default 256)")
     p.add_argument(
         "--train-samples", type=positive_int, default=None, help="training pairs (default 512; with --gt: the rest)"
@@ -103,27 +111,32 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+LEARNED = tuple(k for k in KINDS if k != "schedule")  # --solver names besides schedule:METHOD
+RANGED = ("schedule", "bespoke-rk1", "bespoke-rk2")  # kinds that take --nfe LO-HI
+
+
 def solver_kind(text: str) -> str:
     """--solver: a learned kind, or schedule:METHOD."""
-    if text in KINDS and text not in RANGE_KINDS:
+    if text in LEARNED:
         return text
     kind, _, base = text.partition(":")
-    if kind in RANGE_KINDS and base in SCHEDULE_BASES:
+    if kind == "schedule" and base in SCHEDULE_BASES:
         return text
     raise argparse.ArgumentTypeError(
-        f"unknown solver kind {text!r}; valid: {', '.join(k for k in KINDS if k not in RANGE_KINDS)}, "
-        f"schedule:METHOD with METHOD one of {', '.join(SCHEDULE_BASES)}"
+        f"unknown solver kind {text!r}; valid: {', '.join(LEARNED)}, schedule:METHOD with METHOD one of "
+        f"{', '.join(SCHEDULE_BASES)}"
     )
 
 
 def nfes_for(kind: str, text: str) -> list:
-    """--nfe for `kind`: a list of NFEs (one solver each), or [(LO, HI)] for a range kind."""
-    if kind.partition(":")[0] in RANGE_KINDS:
+    """--nfe for `kind`: a list of NFEs (one solver each), or [(LO, HI)]: a range (a schedule always is one)."""
+    base = kind.partition(":")[0]
+    if base == "schedule" or ("-" in text and base in RANGED):
         return [parse_nfe_range(text)]
     if "-" in text:
         raise BespokeError(
-            f"--nfe {text}: a range is for --solver schedule:METHOD; {kind} trains one solver per NFE, so list "
-            "them (e.g. 4,8,16)"
+            f"--nfe {text}: a range is for --solver schedule:METHOD and bespoke-rk1/rk2; {kind} trains one solver "
+            "per NFE, so list them (e.g. 4,8,16)"
         )
     try:
         return int_list(text)
@@ -142,14 +155,14 @@ def train_file(
     checkpoints,
     init="auto",
     sigma0=1.0,
-    loss="bound",
+    loss=None,
     config=None,
     grad_checkpoint=False,
     device=None,
     quiet=False,
 ) -> list:
-    """Train one `kind` solver per NFE (or one per (LO, HI) range for schedule:METHOD), checkpointing in
-    `checkpoints/`, and write them all to `out`."""
+    """Train one `kind` solver per NFE (or one per (LO, HI) range), checkpointing in `checkpoints/`, and write
+    them all to `out`."""
     solvers, mine = [], [Path(checkpoints) / checkpoint_name(kind, nfe) for nfe in nfes]
     for nfe, ckpt in zip(nfes, mine):
         common = dict(config=config, checkpoint=ckpt, grad_checkpoint=grad_checkpoint, device=device, quiet=quiet)
@@ -168,7 +181,7 @@ def train_file(
 
 
 def checkpoint_name(kind: str, nfe) -> str:
-    """The checkpoint file of one solver: KIND-nfeN.pt, or schedule-METHOD-nfeLO-HI.pt for a range."""
+    """The checkpoint file of one solver: KIND-nfeN.pt, or KIND-nfeLO-HI.pt for a range (schedule:M: schedule-M)."""
     if isinstance(nfe, tuple):
         return f"{kind.replace(':', '-')}-nfe{nfe[0]}-{nfe[1]}.pt"
     return f"{kind}-nfe{nfe}.pt"
@@ -193,7 +206,8 @@ def check_training_budget(flow, nfes, batch: int, dev: str) -> None:
 
 def summary_line(s) -> str:
     t = s.training_summary
-    what = f"schedule:{s.base} NFE {s.range_text()}" if s.kind in RANGE_KINDS else f"{s.kind} NFE {s.nfe}"
+    kind = f"schedule:{s.base}" if s.kind == "schedule" else s.kind
+    what = f"{kind} NFE {s.range_text()}" if isinstance(s, Ranged) else f"{kind} NFE {s.nfe}"
     return (
         f"{what}: {t['val_psnr_init']:.2f} dB ({t['init']}) -> {t['val_psnr']:.2f} dB on "
         f"{t['val_pairs']} validation pairs; {t['iterations']} iterations on {t['train_pairs']} pairs, "
@@ -306,6 +320,6 @@ def cmd_train(args) -> int:
     )
     for s in solvers:
         print(summary_line(s))
-    served = ", ".join(f"NFE {s.range_text() if s.kind in RANGE_KINDS else s.nfe}" for s in solvers)
+    served = ", ".join(f"NFE {s.range_text() if isinstance(s, Ranged) else s.nfe}" for s in solvers)
     print(f"wrote {args.out} ({served}) in {time.perf_counter() - t0:.0f} s")
     return 0

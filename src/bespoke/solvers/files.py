@@ -1,7 +1,8 @@
 """Solver files (DESIGN §6): learned solvers as safetensors tensors plus JSON metadata, never a pickle.
 
-One file holds one solver per NFE, or per range of NFEs for the kinds that serve one (a learned schedule:
-key "LO-HI", every NFE in it). Tensors are named `nfe{KEY}.{parameter}` and hold the raw float64
+One file holds one solver per NFE, or per range of NFEs for the solvers that serve one (a learned schedule,
+an NFE-agnostic Bespoke solver: key "LO-HI", every NFE in it that its method takes). Tensors are named
+`nfe{KEY}.{parameter}` and hold the raw float64
 parameters, so a loaded solver samples bit for bit like the one that was saved. The metadata says
 what the file is for (model fingerprint, guidance, path), what each solver is (kind, NFE, init,
 preconditioning, times for reading) and how it was trained. Loading validates all of it.
@@ -18,10 +19,12 @@ from .._version import __version__
 from ..errors import BespokeError
 from ..io import read_tensors, save_tensors
 from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, is_real, is_str, short
+from .bespoke_range import BespokeRangeSolver
 from .bns import BNSSolver
 from .grids import CONTINUOUS
 from .learned import guidance_record
-from .scale_time import BespokeSolver
+from .ranged import Ranged
+from .scale_time import BASE, BespokeSolver
 from .schedule import SCHEDULE_BASES, ScheduleSolver, nfes_served
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "save_solvers", "load_solvers", "load_solver", "read_metadata", "model_record"]
@@ -30,7 +33,10 @@ FORMAT = "bespoke-solver"
 VERSION = 2  # 2: the file carries a SHA-256 of its metadata and tensors (bespoke.io)
 READS = (1, 2)  # version 1 files (no checksum) still load, with a warning
 KINDS = {"bns": BNSSolver, "bespoke-rk1": BespokeSolver, "bespoke-rk2": BespokeSolver, "schedule": ScheduleSolver}
-RANGE_KINDS = ("schedule",)  # kinds whose one solver serves a range of NFEs (entry key "LO-HI")
+# the solvers of a kind that serve a range of NFEs (entry key "LO-HI", field nfe_range): a schedule always does,
+# a Bespoke solver when it is NFE-agnostic
+RANGE_CLASSES = {"schedule": ScheduleSolver, "bespoke-rk1": BespokeRangeSolver, "bespoke-rk2": BespokeRangeSolver}
+RANGE_KINDS = tuple(RANGE_CLASSES)  # kinds that can serve a range (`bespoke train --nfe LO-HI`)
 _FIX = "train a new one with `bespoke train ... --out FILE`"
 
 
@@ -56,11 +62,16 @@ def _prompts_record(flow) -> dict | None:
 
 def entry_key(s) -> str:
     """A solver's key in a file: its NFE, or "LO-HI" for a solver that serves a range."""
-    return s.range_text() if getattr(s, "kind", None) in RANGE_KINDS else str(s.nfe)
+    return s.range_text() if isinstance(s, Ranged) else str(s.nfe)
+
+
+def is_range_entry(entry: dict) -> bool:
+    """Whether a file entry is one solver for a range of NFEs (a schedule, an NFE-agnostic Bespoke solver)."""
+    return entry["kind"] == "schedule" or (entry["kind"] in RANGE_CLASSES and "nfe_range" in entry)
 
 
 def _served(s) -> list[int]:
-    return s.valid_nfes() if getattr(s, "kind", None) in RANGE_KINDS else [s.nfe]
+    return s.valid_nfes() if isinstance(s, Ranged) else [s.nfe]
 
 
 def save_solvers(path, solvers, flow) -> None:
@@ -72,7 +83,7 @@ def save_solvers(path, solvers, flow) -> None:
         if getattr(s, "kind", None) not in KINDS:
             raise BespokeError(f"{type(s).__name__} is not a learned solver kind ({', '.join(KINDS)})")
         key = entry_key(s)
-        if key in unique and not (s.kind in RANGE_KINDS and _same_parameters(unique[key], s)):
+        if key in unique and not (isinstance(s, Ranged) and _same_parameters(unique[key], s)):
             raise BespokeError(f"a solver file holds one solver per NFE; got two for NFE {key}")
         unique[key] = s
     nfes = [n for s in unique.values() for n in _served(s)]
@@ -180,7 +191,7 @@ def _check_metadata(path, meta) -> None:
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
             kind = entry.get("kind") if isinstance(entry, dict) else entry
             raise BespokeError(f"{path}: solver {key} has unknown kind {short(kind)}; valid: {', '.join(KINDS)}")
-        if entry["kind"] in RANGE_KINDS:
+        if is_range_entry(entry):
             _check_range_entry(path, key, entry)
         else:
             if _nfe_of_key(key) is None:
@@ -205,7 +216,13 @@ def _check_range_entry(path, key: str, entry: dict) -> None:
     _check_fields(path, entry, _RANGE_FIELDS, f" of solver {key}")
     if entry["nfe_range"] != list(nfes):
         raise BespokeError(f"{path} is damaged: solver {key} says it serves NFE {short(entry['nfe_range'])}; {_FIX}")
-    if entry["base"] not in SCHEDULE_BASES or entry.get("grid", "uniform") not in CONTINUOUS:
+    if entry["kind"] != "schedule":  # an NFE-agnostic Bespoke solver: its base method is its order's
+        _check_fields(path, entry, (("rows", *_COUNT, REQUIRED),), f" of solver {key}")
+        base = BASE[int(entry["kind"].removeprefix("bespoke-rk"))]
+        if entry["base"] != base:
+            said = f"{entry['kind']} solver {key} says its base is {short(entry['base'])}, not {base}"
+            raise BespokeError(f"{path} is damaged: {said}; {_FIX}")
+    elif entry["base"] not in SCHEDULE_BASES or entry.get("grid", "uniform") not in CONTINUOUS:
         what = f"{short(entry['base'])} on the grid {short(entry.get('grid'))}"
         raise BespokeError(f"{path}: schedule {key} drives {what}, which this bespoke does not know; {_FIX}")
 
@@ -227,10 +244,11 @@ def _read(path) -> tuple[dict, dict]:
 
 def _build(path, tensors: dict, meta: dict, key: str, flow, force: bool):
     entry = meta["solvers"][key]
-    kind = KINDS[entry["kind"]]
+    ranged = is_range_entry(entry)
+    kind = RANGE_CLASSES[entry["kind"]] if ranged else KINDS[entry["kind"]]
     state = {}
     try:
-        shapes = kind.state_shapes(entry["nfe"]) if entry["kind"] not in RANGE_KINDS else kind.state_shapes(entry)
+        shapes = kind.state_shapes(entry) if ranged else kind.state_shapes(entry["nfe"])
     except BespokeError as e:
         raise BespokeError(f"{path}: the NFE-{key} solver is invalid ({e}); {_FIX}") from None
     for name, shape in shapes.items():
@@ -259,8 +277,10 @@ def _serves(meta: dict) -> dict[int, str]:
     """{NFE: entry key} of every NFE the file serves (a range solver: each NFE its method takes in the range)."""
     out = {}
     for key, entry in meta["solvers"].items():
-        if entry["kind"] in RANGE_KINDS:
+        if entry["kind"] == "schedule":
             out.update({n: key for n in nfes_served(entry["base"], entry["nfe_range"])})
+        elif is_range_entry(entry):
+            out.update({n: key for n in BespokeRangeSolver.nfes_of(entry)})
         else:
             out[int(key)] = key
     return dict(sorted(out.items()))
@@ -279,7 +299,7 @@ def load_solvers(path, *, flow=None, force: bool = False) -> dict:
 
 
 def _at(solver, nfe: int):
-    return solver.at(nfe) if solver.kind in RANGE_KINDS else solver
+    return solver.at(nfe) if isinstance(solver, Ranged) else solver
 
 
 def load_solver(path, nfe: int | None = None, *, flow=None, force: bool = False):
@@ -288,11 +308,11 @@ def load_solver(path, nfe: int | None = None, *, flow=None, force: bool = False)
     serves = _serves(meta)
     if nfe is None:
         keys = list(meta["solvers"])
-        if len(keys) > 1 or meta["solvers"][keys[0]]["kind"] in RANGE_KINDS:
+        if len(keys) > 1 or is_range_entry(meta["solvers"][keys[0]]):
             raise BespokeError(f"{path} holds solvers for NFE {_have_text(meta)}; choose one with nfe=/--nfe")
         nfe = int(keys[0])
     if nfe not in serves:
-        ranged = any(e["kind"] in RANGE_KINDS for e in meta["solvers"].values())
-        how = "a schedule with --nfe LO-HI holding it" if ranged else f"one with `bespoke train --nfe {nfe}`"
+        ranged = any(is_range_entry(e) for e in meta["solvers"].values())
+        how = "one with --nfe LO-HI holding it" if ranged else f"one with `bespoke train --nfe {nfe}`"
         raise BespokeError(f"{path} has no solver for NFE {nfe}; it has NFE {_have_text(meta)} (train {how})")
     return _at(_build(path, tensors, meta, serves[nfe], flow, force), nfe)

@@ -30,7 +30,16 @@ from ..paths import Scheduler, scale_time, scheduler_from_name
 from .learned import Learned, evaluator, pinned_times
 from .nonstationary import NSSolver, Trace
 
-__all__ = ["BespokeSolver", "Transform", "rk1_step", "rk2_step", "run_bespoke", "step_lipschitz", "bound_weights"]
+__all__ = [
+    "BespokeSolver",
+    "ScaleTimeSampling",
+    "Transform",
+    "rk1_step",
+    "rk2_step",
+    "run_bespoke",
+    "step_lipschitz",
+    "bound_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,38 @@ def bound_weights(lipschitz: torch.Tensor) -> torch.Tensor:
 INITS = ("identity", "condot", "ddim", "cosine", "vp", "edm")
 
 
-class BespokeSolver(Learned):
+class ScaleTimeSampling:
+    """Sampling, NS form and step Lipschitz constants of a scale-time solver, from its `transform()` (the
+    transform at the order * steps + 1 grid points), `order`, `steps` and `name`: shared by the fixed-NFE
+    solver below and the NFE-agnostic one (solvers/bespoke_range.py)."""
+
+    order: int
+
+    def transform(self) -> Transform:
+        raise NotImplementedError
+
+    def lipschitz(self, lipschitz_u: float = 1.0) -> torch.Tensor:
+        return step_lipschitz(self.transform(), self.order, self.steps, lipschitz_u)
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def sample(self, flow, noise: torch.Tensor, *, checkpoint: bool = False, **cond) -> torch.Tensor:
+        """Differentiable in the parameters; checkpoint=True keeps no network activations (global-RMSE loss)."""
+        flow.check_noise(noise)
+        self.check_model(flow)
+        v = self.transform().cast(noise)
+        return run_bespoke(evaluator(flow, cond, checkpoint), noise, v, self.order, self.steps)
+
+    def to_ns(self, target=None, ode_end: float = 1.0) -> NSSolver:
+        """The NS form (spec §3.2): RK1 is a one-step update, RK2 two NS steps per step (z at t_m)."""
+        with torch.no_grad():
+            v = self.transform()
+        v = Transform(*(x.tolist() for x in (v.t, v.dt, v.s, v.ds)))
+        trace = Trace()
+        out = run_bespoke(trace, trace.x0, v, self.order, self.steps)
+        return trace.to_ns(out, 1.0, f"{self.name}[ns]")
+
+
+class BespokeSolver(ScaleTimeSampling, Learned):
     """RK1- or RK2-Bespoke with NFE = order * steps; `.sample(flow, noise, **cond)` like every solver."""
 
     def __init__(self, order: int, transform: Transform, *, init="identity", model_fingerprint=None, force=False):
@@ -191,28 +231,8 @@ class BespokeSolver(Learned):
         s = torch.cat([torch.ones_like(self.log_s[:1]), torch.exp(self.log_s)])
         return Transform(t=self.times(), dt=torch.exp(self.log_tdot), s=s, ds=self.sdot)
 
-    def lipschitz(self, lipschitz_u: float = 1.0) -> torch.Tensor:
-        return step_lipschitz(self.transform(), self.order, self.steps, lipschitz_u)
-
     def __repr__(self):
         return f"BespokeSolver(RK{self.order}, nfe={self.nfe}, init={self.init!r})"
-
-    # --- sampling -----------------------------------------------------------------------------------
-    def sample(self, flow, noise: torch.Tensor, *, checkpoint: bool = False, **cond) -> torch.Tensor:
-        """Differentiable in the parameters; checkpoint=True keeps no network activations (global-RMSE loss)."""
-        flow.check_noise(noise)
-        self.check_model(flow)
-        v = self.transform().cast(noise)
-        return run_bespoke(evaluator(flow, cond, checkpoint), noise, v, self.order, self.steps)
-
-    def to_ns(self, target=None, ode_end: float = 1.0) -> NSSolver:
-        """The NS form (spec §3.2): RK1 is a one-step update, RK2 two NS steps per step (z at t_m)."""
-        with torch.no_grad():
-            v = self.transform()
-        v = Transform(*(x.tolist() for x in (v.t, v.dt, v.s, v.ds)))
-        trace = Trace()
-        out = run_bespoke(trace, trace.x0, v, self.order, self.steps)
-        return trace.to_ns(out, 1.0, f"{self.name}[ns]")
 
     def refined(self, steps: int) -> BespokeSolver:
         """The same transform (t and s as C^1 Hermite cubics through the learned values and slopes) on

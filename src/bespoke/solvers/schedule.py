@@ -24,9 +24,6 @@ of a few milliseconds, no network call).
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 from torch import nn
 
@@ -34,6 +31,7 @@ from ..errors import BespokeError
 from .grids import CONTINUOUS, continuous_grid
 from .learned import Learned, evaluator
 from .nonstationary import NSSolver, run_ns
+from .ranged import Ranged, parse_nfe_range
 
 __all__ = ["ScheduleSolver", "CompiledGrid", "SCHEDULE_BASES", "nfes_served", "parse_nfe_range"]
 
@@ -57,25 +55,6 @@ def nfes_served(base: str, nfe_range) -> list[int]:
 
     method = METHODS[base]
     return [n for n in range(nfe_range[0], nfe_range[1] + 1) if method.largest_nfe(n) == n]
-
-
-def parse_nfe_range(value) -> tuple[int, int]:
-    """'4-16' -> (4, 16); '8' or 8 -> (8, 8); a (lo, hi) pair passes through (checked)."""
-    try:
-        if isinstance(value, str):
-            parts = value.strip().split("-")
-            if len(parts) > 2:
-                raise ValueError(value)
-            lo, hi = int(parts[0]), int(parts[-1])
-        elif isinstance(value, int) and not isinstance(value, bool):
-            lo = hi = value
-        else:
-            lo, hi = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise BespokeError(f"an NFE range is LO-HI (e.g. 4-16) or one NFE; got {value!r}") from None
-    if not 1 <= lo <= hi:
-        raise BespokeError(f"an NFE range needs 1 <= LO <= HI; got {lo}-{hi}")
-    return lo, hi
 
 
 class CompiledGrid(torch.autograd.Function):
@@ -106,7 +85,7 @@ class CompiledGrid(torch.autograd.Function):
         return grad, None
 
 
-class ScheduleSolver(Learned):
+class ScheduleSolver(Ranged, Learned):
     """A built-in method on a learned, continuous time grid; one solver for every NFE in `nfe_range`.
 
     `.at(n)` is the solver at NFE n (a view sharing the parameters); `.nfe` is the NFE this one samples at.
@@ -148,38 +127,12 @@ class ScheduleSolver(Learned):
         if nfe is not None:
             self._nfe = self._check_nfe(nfe)
 
-    # --- the NFEs it serves ------------------------------------------------------------------------
-    def range_text(self) -> str:
-        lo, hi = self.nfe_range
-        return f"{lo}-{hi}" if lo != hi else str(lo)
-
     def valid_nfes(self) -> list[int]:
         return nfes_served(self.base, self.nfe_range)
 
-    def _check_nfe(self, nfe) -> int:
-        valid = self.valid_nfes()
-        if nfe not in valid:
-            listed = ", ".join(map(str, valid)) if len(valid) <= 8 else f"{valid[0]}, {valid[1]}, ..., {valid[-1]}"
-            raise BespokeError(
-                f"this {self.base} schedule serves NFE {self.range_text()} ({listed}), not {nfe!r}; "
-                "choose an NFE in its range or train one for a range that holds it"
-            )
-        return int(nfe)
-
-    def at(self, nfe: int) -> ScheduleSolver:
-        """The same schedule at NFE `nfe` (shares the parameters: training one trains all)."""
-        view = copy.copy(self)
-        view._nfe = self._check_nfe(nfe)
-        return view
-
-    def validation_views(self) -> list[ScheduleSolver]:
-        """The solvers training validates on (mean PSNR): the lowest, middle and highest NFE of the range."""
-        valid = self.valid_nfes()
-        return [self.at(n) for n in sorted({valid[0], valid[len(valid) // 2], valid[-1]})]
-
     @property
-    def nfe(self) -> int:
-        return self._nfe
+    def range_what(self) -> str:
+        return f"{self.base} schedule"
 
     @property
     def name(self) -> str:
@@ -205,9 +158,7 @@ class ScheduleSolver(Learned):
         learned = torch.cat([0 * ones, torch.cumsum(inc, 1)[:, :-1] / inc.sum(1, keepdim=True), ones], 1)
         uniform = torch.linspace(0, 1, self.knots + 1, dtype=learned.dtype, device=learned.device)
         ends = (1 - _FLOOR) * learned + _FLOOR * uniform  # every segment keeps >= _FLOOR / K: strictly increasing
-        lo, hi = self.nfe_range
-        n = self.nfe if nfe is None else nfe
-        a = math.log(n / lo) / math.log(hi / lo) if hi > lo else 0.0
+        a = self.position(nfe)
         return (1 - a) * ends[0] + a * ends[1]
 
     def set_heights(self, end: int, heights: torch.Tensor) -> None:

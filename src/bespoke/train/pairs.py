@@ -15,7 +15,15 @@ from ..errors import BespokeError
 from ..metrics import psnr
 from .loop import FitConfig, batch_indices, fit
 
-__all__ = ["cond_of", "to_device", "solver_psnr", "capped_learning_rate", "training_summary", "fit_solver"]
+__all__ = [
+    "cond_of",
+    "to_device",
+    "solver_psnr",
+    "capped_learning_rate",
+    "training_summary",
+    "range_summary",
+    "fit_solver",
+]
 
 
 def cond_of(pairs, idx=None) -> dict:
@@ -152,6 +160,23 @@ def selection_score(module, flow, val):
         return lambda m: distributed_psnr(m, flow, val)
     start = [distributed_psnr(v, flow, val) for v in module.validation_views()]
     return lambda m: min(distributed_psnr(v, flow, val) - s for v, s in zip(m.validation_views(), start))
+
+
+def range_summary(before, after, flow, val, device=None) -> dict:
+    """The PSNRs of a solver that serves a range, where its history and selection are gains: the mean over its
+    validation views at the start (`before`) and as kept (`after`), and {NFE: [start, kept]}, scored on `device`
+    (where training ran)."""
+    if device is not None:
+        val, before = to_device(val, device), before.to(device)
+    views = {
+        v.nfe: (solver_psnr(b, flow, val), solver_psnr(v, flow, val))
+        for b, v in zip(before.validation_views(), after.validation_views())
+    }
+    return {
+        "val_psnr_init": round(sum(a for a, _ in views.values()) / len(views), 4),
+        "val_psnr": round(sum(b for _, b in views.values()) / len(views), 4),
+        "val_psnr_by_nfe": {str(n): [round(a, 4), round(b, 4)] for n, (a, b) in views.items()},
+    }
 
 
 def all_reduce_grads(module) -> None:

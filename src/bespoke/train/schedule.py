@@ -20,7 +20,7 @@ from ..solvers.grids import CONTINUOUS, continuous_grid
 from ..solvers.schedule import ScheduleSolver, parse_nfe_range
 from .bns import log_mse_loss
 from .loop import FitConfig
-from .pairs import fit_solver, solver_psnr, to_device, training_summary
+from .pairs import fit_solver, range_summary, solver_psnr, training_summary
 
 __all__ = ["train_schedule", "select_grid", "warped_start", "SCHEDULE_KNOTS", "SCHEDULE_ITERATIONS", "SCHEDULE_LR"]
 
@@ -134,12 +134,6 @@ def train_schedule(
         device=device,
         quiet=quiet,
     )
-    if device is not None:  # the summary scores where training ran
-        val, before = to_device(val, device), before.to(device)
-    views = {
-        v.nfe: (solver_psnr(b, flow, val), solver_psnr(v, flow, val))
-        for b, v in zip(before.validation_views(), module.validation_views())
-    }
     module.training_summary = training_summary(
         "mean per-sample log-MSE (BNS Eq. 13), one NFE of the range per iteration; kept: the largest smallest "
         "validation gain over the start at the validation NFEs (the history)",
@@ -151,9 +145,5 @@ def train_schedule(
         config,
         grad_checkpoint=grad_checkpoint,
     )
-    module.training_summary.update(  # PSNRs, where the history and selection are gains
-        val_psnr_init=round(sum(a for a, _ in views.values()) / len(views), 4),
-        val_psnr=round(sum(b for _, b in views.values()) / len(views), 4),
-        val_psnr_by_nfe={str(n): [round(a, 4), round(b, 4)] for n, (a, b) in views.items()},
-    )
+    module.training_summary.update(range_summary(before, module, flow, val, device))
     return module
