@@ -52,6 +52,22 @@ def finish_psnr_panels(fig, axes, results: list[dict], nfes, title: str, path: P
     plt.close(fig)
 
 
+def save_panels(fig, axes, title: str, path: Path) -> None:
+    """Label PSNR-against-NFE panels (axes, grid, legend each), title the figure and save it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("PSNR [dB]")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_json(path: Path, obj) -> dict:
     """Write `obj` as JSON atomically and return it as it reads back (dict keys become str)."""
     tmp = path.with_suffix(".tmp")

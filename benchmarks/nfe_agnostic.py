@@ -4,8 +4,9 @@
         [--iterations 300] [--schedule-iterations 150] [--val 128] [--eval 128] [--train 512]
         [--cache .bench-cache/ceiling]
 
-Per model, on the GT cache of benchmarks/bns_ceiling.py (768 pairs with dense trajectories; selection on pairs
-0..val-1, figures on the next `eval` pairs, training on pairs 256..):
+Per model (the digit models, and `tiny-unet`: the diffusers UNet2DModel of benchmarks/diffusers_peers.py, trained
+there), on the GT cache of benchmarks/bns_ceiling.py (768 pairs with dense trajectories, made here if missing;
+selection on pairs 0..val-1, figures on the next `eval` pairs, training on pairs 256..):
 (ii)  ONE RK2-Bespoke solver for the whole --range (`bespoke train --solver bespoke-rk2 --nfe LO-HI`) against
       an RK2-Bespoke solver trained at each --per-nfe alone (`--nfe 4,8,16`), the per-NFE solver at the middle
       NFE run at the others through its continuous transform (`BespokeSolver.refined`), midpoint (its base
@@ -13,7 +14,8 @@ Per model, on the GT cache of benchmarks/bns_ceiling.py (768 pairs with dense tr
       grids), with the training time of each;
 (iii) the dpm++2m schedule of benchmarks/schedules.py (one for NFE 3-20) against dpm++2m schedules trained at
       each --per-nfe alone and carried to the other NFEs the way "Align Your Steps" lists are: log-linear
-      interpolation of the noise levels of the list for the nearest trained NFE.
+      interpolation of the noise levels of the list for the nearest trained NFE (the 3-20 schedule is trained
+      here where benchmarks/schedules.py has not made it).
 Everything is cached per model under --cache/MODEL; writes the section `nfe_agnostic` of docs/benchmarks.md
 and docs/img/nfe_agnostic.png.
 """
@@ -32,12 +34,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import figure_lines, machine, publish, write_json  # noqa: E402  (benchmarks/common.py)
+from common import figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.export import schedule_in_units  # noqa: E402
 from bespoke.paths import CondOT  # noqa: E402
 from bespoke.solvers import METHODS  # noqa: E402
+from bespoke.solvers.bespoke_range import RANGE_KNOTS  # noqa: E402
 from bespoke.solvers.files import load_solver, save_solvers  # noqa: E402
 from bespoke.solvers.ranged import parse_nfe_range  # noqa: E402
 from bespoke.train import generate_gt  # noqa: E402
@@ -48,6 +51,16 @@ from bespoke.train.schedule import SCHEDULE_LR, train_schedule  # noqa: E402
 
 MARK = "nfe_agnostic"
 RANGE_SCHEDULE = "schedule-dpm++2m-3-20-150-0.05"  # benchmarks/schedules.py's cached dpm++2m schedule
+
+
+def load_flow(name: str, out: Path, args):
+    """zoo:NAME, or `tiny-unet`: benchmarks/diffusers_peers.py's diffusers UNet2DModel (trained there, seeded)."""
+    if name != "tiny-unet":
+        return bespoke.load_model(f"zoo:{name}")
+    from diffusers_peers import train_tiny_unet
+
+    train_tiny_unet(out / "model", args.tiny_iterations, args.quiet)
+    return bespoke.load_model(f"diffusers:{out / 'model'}")
 
 
 def timed(file: Path, train, flow) -> tuple[object, float]:
@@ -98,11 +111,11 @@ def ays_interpolated(schedule, nfe: int, flow):
 
 def run_model(name: str, args) -> dict:
     out = args.cache / name
-    tag = f"nfe-agnostic-{args.lo}-{args.hi}-{args.iterations}"
+    tag = f"nfe-agnostic-{args.lo}-{args.hi}-{args.iterations}-k{RANGE_KNOTS}"
     done = out / f"{tag}.json"
     if done.exists():
         return json.loads(done.read_text())
-    flow = bespoke.load_model(f"zoo:{name}")
+    flow = load_flow(name, out, args)
     gt = generate_gt(flow, out / "gt", num=768, shard_size=128, trajectory=33, quiet=args.quiet)
     val, evaluation = gt.slice(0, args.val), gt.slice(args.val, args.val + args.eval)
     train = gt.slice(256, 256 + args.train)
@@ -114,8 +127,8 @@ def run_model(name: str, args) -> dict:
         return lambda: train_bespoke(flow, train, val, nfe, checkpoint=ckpt, **common)
 
     ranged, ranged_s = timed(
-        out / f"rk2-{args.lo}-{args.hi}-{args.iterations}.safetensors",
-        bespoke_file(f"{args.lo}-{args.hi}", (args.lo, args.hi)),
+        out / f"rk2-{args.lo}-{args.hi}-{args.iterations}-k{RANGE_KNOTS}.safetensors",
+        bespoke_file(f"{args.lo}-{args.hi}-k{RANGE_KNOTS}", (args.lo, args.hi)),
         flow,
     )
     per_nfe, per_s = {}, {}
@@ -132,6 +145,12 @@ def run_model(name: str, args) -> dict:
         )
         schedules[n] = timed(file, make, flow)[0][n]
     range_schedule = out / f"{RANGE_SCHEDULE}.safetensors"
+    if not range_schedule.exists():  # as benchmarks/schedules.py trains it (the digit models have it from there)
+        ckpt = range_schedule.with_suffix(".ckpt")
+        make = lambda: train_schedule(  # noqa: E731
+            flow, train, val, "dpm++2m", "3-20", config=sched_config, checkpoint=ckpt, quiet=args.quiet
+        )
+        timed(range_schedule, make, flow)
     middle = sorted(args.per_nfe)[len(args.per_nfe) // 2]
     res = {"model": name, "val": args.val, "eval": args.eval, "nfe": {}, "training": {}}
     res["training"] = {
@@ -229,16 +248,7 @@ def plot(results: list[dict], middle: int, path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), label=label, **style)
         ax.set_title(f"zoo:{res['model']}: schedules", fontsize=10)
-    for ax in axes.flat:
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("PSNR [dB]")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("One solver or schedule for every NFE (black) against per-NFE ones")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_panels(fig, axes.flat, "One solver or schedule for every NFE (black) against per-NFE ones", path)
 
 
 def main(argv=None) -> int:
@@ -248,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-nfe", default="4,8,16")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--schedule-iterations", type=int, default=150)
+    ap.add_argument("--tiny-iterations", type=int, default=4000, help="training steps of the tiny UNet")
     ap.add_argument("--val", type=int, default=128)
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--train", type=int, default=512)
@@ -273,7 +284,8 @@ def main(argv=None) -> int:
         f"Mean per-sample PSNR on {args.eval} evaluation pairs (not the {args.val} selection pairs nor the "
         f"{args.train} training pairs), every solver from the same noise against the same dopri5 ground truth. "
         f"*NFE-agnostic RK2*: one RK2-Bespoke solver for NFE {args.range} (`bespoke train --solver bespoke-rk2 "
-        f"--nfe {args.range}`, {args.iterations} Adam steps, one NFE of the range per step). *Per-NFE RK2*: "
+        f"--nfe {args.range}`: {RANGE_KNOTS} knots, {args.iterations} Adam steps, one NFE of the range per step). "
+        "*Per-NFE RK2*: "
         f"one solver trained at that NFE alone with the same recipe ({args.iterations} steps each). *Refined*: the "
         f"per-NFE solver of NFE {middle} run at another NFE through its continuous transform. *Best dedicated*: the "
         "best built-in method on its recommended grid at that NFE.",

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import figure_lines, machine, publish, write_json  # noqa: E402  (benchmarks/common.py)
+from common import figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.paths import VPDiscrete  # noqa: E402
@@ -130,15 +130,8 @@ def plot(results: list[dict], path: Path) -> None:
             style = dict(color="black", lw=2.2, marker="o", ms=3) if label == "learned" else dict(lw=1, marker=".")
             ax.plot(nfes, ys, label=label, **style)
         ax.set_title(f"zoo:{res['model']}, {res['method']}", fontsize=10)
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("PSNR [dB]")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("One learned schedule per method and model (black) against the method's fixed grids")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    title = "One learned schedule per method and model (black) against the method's fixed grids"
+    save_panels(fig, axes.flat, title, path)
 
 
 def main(argv=None) -> int:

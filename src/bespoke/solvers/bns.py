@@ -133,10 +133,7 @@ class BNSSolver(Learned):
             init=str(entry.get("init", "custom")),
             model_fingerprint=model_fingerprint,
         )
-        solver.load_state(state)
-        solver.training_summary = dict(entry.get("training") or {})
-        solver.validate()
-        return solver
+        return solver.restored(state, entry)
 
     # --- the parameters as an NS solver -------------------------------------------------------
     @property

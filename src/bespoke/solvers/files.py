@@ -287,7 +287,16 @@ def _serves(meta: dict) -> dict[int, str]:
 
 
 def _have_text(meta: dict) -> str:
-    return ", ".join(sorted(meta["solvers"], key=lambda k: int(k.split("-")[0])))
+    """The file's NFEs for an error message: fixed NFEs, and ranges with the NFEs they serve where their method
+    skips some (RK2: "4-10 (4, 6, 8, 10)")."""
+    serves = _serves(meta)
+    parts = []
+    for key in sorted(meta["solvers"], key=lambda k: int(k.split("-")[0])):
+        lo, _, hi = key.partition("-")
+        mine = [n for n, k in serves.items() if k == key]
+        gaps = bool(hi) and len(mine) != int(hi) - int(lo) + 1
+        parts.append(f"{key} ({', '.join(map(str, mine))})" if gaps else key)
+    return ", ".join(parts)
 
 
 def load_solvers(path, *, flow=None, force: bool = False) -> dict:

@@ -86,6 +86,14 @@ class Learned(nn.Module, Solver):
             for k, v in self._state().items():
                 v.copy_(state[k])
 
+    def restored(self, state: dict[str, torch.Tensor], entry: dict):
+        """This solver with the raw parameters `state` and the training summary of file entry `entry`, validated
+        (the end of every kind's `from_state`); returns self."""
+        self.load_state(state)
+        self.training_summary = dict(entry.get("training") or {})
+        self.validate()
+        return self
+
     def check_model(self, flow) -> None:
         """Refuse a model other than the one this solver was trained for (fingerprint), or the same model at
         another guidance scale, unless forced (then a warning)."""

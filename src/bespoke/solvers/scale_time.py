@@ -280,10 +280,7 @@ class BespokeSolver(ScaleTimeSampling, Learned):
         nfe = state["log_dt"].numel()
         solver = cls.identity(order, nfe)
         solver.init, solver.model_fingerprint = str(entry.get("init", "custom")), model_fingerprint
-        solver.load_state(state)
-        solver.training_summary = dict(entry.get("training") or {})
-        solver.validate()
-        return solver
+        return solver.restored(state, entry)
 
 
 def _grid_points(order: int, nfe: int) -> int:

@@ -261,7 +261,4 @@ class ScheduleSolver(Ranged, Learned):
             init=str(entry.get("init", entry["base"])),
             model_fingerprint=model_fingerprint,
         )
-        solver.load_state(state)
-        solver.training_summary = dict(entry.get("training") or {})
-        solver.validate()
-        return solver
+        return solver.restored(state, entry)
