@@ -18,6 +18,17 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def add_ceiling_pair_args(ap) -> None:
+    """The flags of the benchmarks on benchmarks/bns_ceiling.py's GT cache: how many selection (--val),
+    evaluation (--eval) and training (--train) pairs, the cache, the document written, and --quiet."""
+    ap.add_argument("--val", type=int, default=128)
+    ap.add_argument("--eval", type=int, default=128)
+    ap.add_argument("--train", type=int, default=512)
+    ap.add_argument("--cache", type=Path, default=Path(".bench-cache/ceiling"))
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument("--quiet", action="store_true")
+
+
 def write_section(doc: Path, mark: str, body: str) -> None:
     """Replace the block between `<!-- BEGIN mark -->` and `<!-- END mark -->` (append it if absent), atomically."""
     begin, end = f"<!-- BEGIN {mark} -->", f"<!-- END {mark} -->"

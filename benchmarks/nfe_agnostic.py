@@ -34,7 +34,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
+from common import add_ceiling_pair_args, figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.export import schedule_in_units  # noqa: E402
@@ -259,12 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--schedule-iterations", type=int, default=150)
     ap.add_argument("--tiny-iterations", type=int, default=4000, help="training steps of the tiny UNet")
-    ap.add_argument("--val", type=int, default=128)
-    ap.add_argument("--eval", type=int, default=128)
-    ap.add_argument("--train", type=int, default=512)
-    ap.add_argument("--cache", type=Path, default=Path(".bench-cache/ceiling"))
-    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    ap.add_argument("--quiet", action="store_true")
+    add_ceiling_pair_args(ap)
     args = ap.parse_args(argv)
     args.lo, args.hi = parse_nfe_range(args.range)
     args.per_nfe = [int(n) for n in args.per_nfe.split(",")]

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
+from common import add_ceiling_pair_args, figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.paths import VPDiscrete  # noqa: E402
@@ -141,12 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--range", default="3-20")
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--lr", type=float, default=SCHEDULE_LR)
-    ap.add_argument("--val", type=int, default=128)
-    ap.add_argument("--eval", type=int, default=128)
-    ap.add_argument("--train", type=int, default=512)
-    ap.add_argument("--cache", type=Path, default=Path(".bench-cache/ceiling"))
-    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    ap.add_argument("--quiet", action="store_true")
+    add_ceiling_pair_args(ap)
     args = ap.parse_args(argv)
     args.lo, args.hi = parse_nfe_range(args.range)
     started = time.perf_counter()

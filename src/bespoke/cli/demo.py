@@ -100,7 +100,7 @@ def register(sub) -> None:
         "(default 4-16)",
     )
     p.add_argument("--out", default="bespoke-demo", metavar="DIR", help="output directory (default ./bespoke-demo)")
-    p.add_argument("--fast", action="store_true", help="fewer pairs and iterations: a 2-minute run")
+    p.add_argument("--fast", action="store_true", help="fewer pairs and iterations: a run of a few minutes")
     p.add_argument(
         "--prompts", default=None, metavar="FILE", help="prompt set of a text-to-image model (one prompt per line)"
     )
