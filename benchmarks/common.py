@@ -27,6 +27,25 @@ def add_ceiling_pair_args(ap) -> None:
     ap.add_argument("--cache", type=Path, default=Path(".bench-cache/ceiling"))
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--tiny-iterations", type=int, default=4000, help="training steps of the tiny UNet (tiny-unet)")
+
+
+def load_bench_flow(name: str, out: Path, tiny_iterations: int, quiet: bool):
+    """zoo:NAME, or `tiny-unet`: benchmarks/diffusers_peers.py's diffusers UNet2DModel, trained (seeded) into
+    out/model when missing and loaded as diffusers:out/model."""
+    import bespoke
+
+    if name != "tiny-unet":
+        return bespoke.load_model(f"zoo:{name}")
+    from diffusers_peers import train_tiny_unet
+
+    train_tiny_unet(out / "model", tiny_iterations, quiet)
+    return bespoke.load_model(f"diffusers:{out / 'model'}")
+
+
+def model_label(name: str) -> str:
+    """How a benchmark model is named in tables and figures: its spec, or what `tiny-unet` is."""
+    return "diffusers tiny UNet2DModel" if name == "tiny-unet" else f"zoo:{name}"
 
 
 def write_section(doc: Path, mark: str, body: str) -> None:

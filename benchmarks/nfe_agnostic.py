@@ -34,7 +34,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import add_ceiling_pair_args, figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
+from common import (
+    add_ceiling_pair_args,
+    figure_lines,
+    load_bench_flow,
+    machine,
+    model_label,
+    publish,
+    save_panels,
+    write_json,
+)  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.export import schedule_in_units  # noqa: E402
@@ -51,16 +60,6 @@ from bespoke.train.schedule import SCHEDULE_LR, train_schedule  # noqa: E402
 
 MARK = "nfe_agnostic"
 RANGE_SCHEDULE = "schedule-dpm++2m-3-20-150-0.05"  # benchmarks/schedules.py's cached dpm++2m schedule
-
-
-def load_flow(name: str, out: Path, args):
-    """zoo:NAME, or `tiny-unet`: benchmarks/diffusers_peers.py's diffusers UNet2DModel (trained there, seeded)."""
-    if name != "tiny-unet":
-        return bespoke.load_model(f"zoo:{name}")
-    from diffusers_peers import train_tiny_unet
-
-    train_tiny_unet(out / "model", args.tiny_iterations, args.quiet)
-    return bespoke.load_model(f"diffusers:{out / 'model'}")
 
 
 def timed(file: Path, train, flow) -> tuple[object, float]:
@@ -115,7 +114,7 @@ def run_model(name: str, args) -> dict:
     done = out / f"{tag}.json"
     if done.exists():
         return json.loads(done.read_text())
-    flow = load_flow(name, out, args)
+    flow = load_bench_flow(name, out, args.tiny_iterations, args.quiet)
     gt = generate_gt(flow, out / "gt", num=768, shard_size=128, trajectory=33, quiet=args.quiet)
     val, evaluation = gt.slice(0, args.val), gt.slice(args.val, args.val + args.eval)
     train = gt.slice(256, 256 + args.train)
@@ -236,7 +235,7 @@ def plot(results: list[dict], middle: int, path: Path) -> None:
         ax.plot(nfes, get(f"per_nfe_{middle}_refined"), lw=1, marker=".", label=f"RK2-Bespoke {middle}, refined")
         ax.plot(nfes, get("midpoint"), lw=1, marker=".", label="midpoint")
         ax.plot(nfes, get("best_dedicated"), lw=1, ls="--", marker=".", label="best dedicated")
-        ax.set_title(f"zoo:{res['model']}: Bespoke", fontsize=10)
+        ax.set_title(f"{model_label(res['model'])}: Bespoke", fontsize=10)
         ax = axes[1][j]
         nfes = [int(n) for n in res["schedules"]]
         for key, label, style in (
@@ -247,7 +246,7 @@ def plot(results: list[dict], middle: int, path: Path) -> None:
             pts = [(n, res["schedules"][str(n)][key]) for n in nfes if res["schedules"][str(n)][key] is not None]
             if pts:
                 ax.plot(*zip(*pts), label=label, **style)
-        ax.set_title(f"zoo:{res['model']}: schedules", fontsize=10)
+        ax.set_title(f"{model_label(res['model'])}: schedules", fontsize=10)
     save_panels(fig, axes.flat, "One solver or schedule for every NFE (black) against per-NFE ones", path)
 
 
@@ -258,7 +257,6 @@ def main(argv=None) -> int:
     ap.add_argument("--per-nfe", default="4,8,16")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--schedule-iterations", type=int, default=150)
-    ap.add_argument("--tiny-iterations", type=int, default=4000, help="training steps of the tiny UNet")
     add_ceiling_pair_args(ap)
     args = ap.parse_args(argv)
     args.lo, args.hi = parse_nfe_range(args.range)
@@ -291,7 +289,7 @@ def main(argv=None) -> int:
         each = ", ".join(f"{k}: {v['seconds']:.0f} s" for k, v in t.items() if k != "range")
         lines += [
             "",
-            f"### `zoo:{res['model']}`",
+            f"### `{model_label(res['model'])}`",
             "",
             f"Training time: the NFE-agnostic solver {t['range']['seconds']:.0f} s (start: {t['range']['init']}); "
             f"the per-NFE solvers {per_total:.0f} s together "

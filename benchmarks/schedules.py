@@ -3,8 +3,9 @@
     python benchmarks/schedules.py [--models digits-ot,digits-cos,digits-vp] [--methods dpm++2m,unipc]
         [--range 3-20] [--iterations 150] [--val 128] [--eval 128] [--train 512] [--cache .bench-cache/ceiling]
 
-Per model: the GT cache of benchmarks/bns_ceiling.py (seed 0, 768 pairs with dense trajectories, shared with
-it); the schedule is selected on pairs 0..val-1, reported on the next `eval` pairs and trained on pairs 256..
+Per model (the digit models, and `tiny-unet`: the diffusers UNet2DModel of benchmarks/diffusers_peers.py, trained
+there): the GT cache of benchmarks/bns_ceiling.py (seed 0, 768 pairs with dense trajectories, shared with it);
+the schedule is selected on pairs 0..val-1, reported on the next `eval` pairs and trained on pairs 256..
 (`train` of them). Per method: ONE schedule trained for the whole --range (what `bespoke train --solver
 schedule:METHOD --nfe LO-HI` does), and the method on each fixed grid: uniform, log-SNR, EDM-rho (rho = 7),
 and on DDPM-type models diffusers' default spacings (`leading` with steps_offset = 1 as SD 1.x ships, and
@@ -26,7 +27,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import add_ceiling_pair_args, figure_lines, machine, publish, save_panels, write_json  # noqa: E402  (benchmarks/common.py)
+from common import (
+    add_ceiling_pair_args,
+    figure_lines,
+    load_bench_flow,
+    machine,
+    model_label,
+    publish,
+    save_panels,
+    write_json,
+)  # noqa: E402  (benchmarks/common.py)
 
 import bespoke  # noqa: E402
 from bespoke.paths import VPDiscrete  # noqa: E402
@@ -79,7 +89,7 @@ def run_cell(name: str, method: str, args) -> dict:
     done = out / f"{tag}.json"
     if done.exists():
         return json.loads(done.read_text())
-    flow = bespoke.load_model(f"zoo:{name}")
+    flow = load_bench_flow(name, out, args.tiny_iterations, args.quiet)
     gt = generate_gt(flow, out / "gt", num=768, shard_size=128, trajectory=33, quiet=args.quiet)
     val, evaluation = gt.slice(0, args.val), gt.slice(args.val, args.val + args.eval)
     train = gt.slice(256, 256 + args.train)
@@ -129,7 +139,7 @@ def plot(results: list[dict], path: Path) -> None:
             ys = [res["nfe"][str(n)][label] for n in nfes]
             style = dict(color="black", lw=2.2, marker="o", ms=3) if label == "learned" else dict(lw=1, marker=".")
             ax.plot(nfes, ys, label=label, **style)
-        ax.set_title(f"zoo:{res['model']}, {res['method']}", fontsize=10)
+        ax.set_title(f"{model_label(res['model'])}, {res['method']}", fontsize=10)
     title = "One learned schedule per method and model (black) against the method's fixed grids"
     save_panels(fig, axes.flat, title, path)
 
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
         t = res["training"]
         lines += [
             "",
-            f"### `zoo:{res['model']}`, {res['method']}",
+            f"### `{model_label(res['model'])}`, {res['method']}",
             "",
             f"Training: {t['iterations']} steps, {t['seconds']:.0f} s; kept: step {t['best_iteration']}, whose "
             f"smallest validation gain over its start ({t['init']}) at NFE {', '.join(t['val_psnr_by_nfe'])} is "
