@@ -23,7 +23,7 @@ from .bespoke_range import BespokeRangeSolver
 from .bns import BNSSolver
 from .grids import CONTINUOUS
 from .learned import guidance_record
-from .ranged import Ranged
+from .ranged import Ranged, served_text
 from .scale_time import BASE, BespokeSolver
 from .schedule import SCHEDULE_BASES, ScheduleSolver, nfes_served
 
@@ -295,7 +295,7 @@ def _have_text(meta: dict) -> str:
         lo, _, hi = key.partition("-")
         mine = [n for n, k in serves.items() if k == key]
         gaps = bool(hi) and len(mine) != int(hi) - int(lo) + 1
-        parts.append(f"{key} ({', '.join(map(str, mine))})" if gaps else key)
+        parts.append(f"{key} ({served_text(mine)})" if gaps else key)
     return ", ".join(parts)
 
 

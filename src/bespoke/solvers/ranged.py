@@ -10,7 +10,7 @@ import math
 
 from ..errors import BespokeError
 
-__all__ = ["Ranged", "parse_nfe_range", "log_position"]
+__all__ = ["Ranged", "parse_nfe_range", "log_position", "served_text"]
 
 
 def parse_nfe_range(value) -> tuple[int, int]:
@@ -30,6 +30,11 @@ def parse_nfe_range(value) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise BespokeError(f"an NFE range needs 1 <= LO <= HI; got {lo}-{hi}")
     return lo, hi
+
+
+def served_text(nfes: list[int]) -> str:
+    """The NFEs a range solver serves, for messages: all of them, or the first two and the last when many."""
+    return ", ".join(map(str, nfes)) if len(nfes) <= 8 else f"{nfes[0]}, {nfes[1]}, ..., {nfes[-1]}"
 
 
 def log_position(nfe: int, nfe_range: tuple[int, int]) -> float:
@@ -56,9 +61,8 @@ class Ranged:
     def _check_nfe(self, nfe) -> int:
         valid = self.valid_nfes()
         if nfe not in valid:
-            listed = ", ".join(map(str, valid)) if len(valid) <= 8 else f"{valid[0]}, {valid[1]}, ..., {valid[-1]}"
             raise BespokeError(
-                f"this {self.range_what} serves NFE {self.range_text()} ({listed}), not {nfe!r}; "
+                f"this {self.range_what} serves NFE {self.range_text()} ({served_text(valid)}), not {nfe!r}; "
                 "choose an NFE in its range or train one for a range that holds it"
             )
         return int(nfe)
