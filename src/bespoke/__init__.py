@@ -28,11 +28,13 @@ from .solvers import SOLVER_NAMES, NSSolver, Solver, solver
 from .solvers.adaptive import GroundTruth, ground_truth
 from .solvers.bns import BNSSolver
 from .solvers.files import load_solver, load_solvers, save_solvers
+from .solvers.guided import GuidedBNSSolver
 from .solvers.scale_time import BespokeSolver
 from .solvers.schedule import ScheduleSolver
 from .train import GTCache, generate_gt, load_gt
 from .train.bespoke import train_bespoke
 from .train.bns import train_bns
+from .train.guided import train_bns_guided
 from .train.loop import FitConfig
 from .train.schedule import train_schedule
 
@@ -59,6 +61,8 @@ __all__ = [
     "class_accuracy",
     "BNSSolver",
     "train_bns",
+    "GuidedBNSSolver",
+    "train_bns_guided",
     "BespokeSolver",
     "train_bespoke",
     "ScheduleSolver",

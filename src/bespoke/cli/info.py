@@ -27,7 +27,10 @@ def register(sub) -> None:
 
 def _model_line(model: dict) -> str:
     g = model.get("guidance")
-    guidance = f"guidance w={g['weight']:g} ({g['convention']})" if g else "no guidance"
+    if g and "range" in g:  # a guided solver's file: every scale in the range
+        guidance = f"guidance scales {g['range'][0]:g}-{g['range'][1]:g} ({g['convention']})"
+    else:
+        guidance = f"guidance w={g['weight']:g} ({g['convention']})" if g else "no guidance"
     fingerprint, path = model.get("fingerprint"), model.get("scheduler")
     p = model.get("prompts")
     trained = "" if not p else f"; trained on {p.get('count')} prompts (sha256 {str(p.get('sha256'))[:12]})"
@@ -42,6 +45,9 @@ def _solver_lines(key: str, entry: dict) -> list[str]:
         extra = f", base {entry['base']}, one transform of {entry['knots']} segments for every NFE in the range"
     else:
         extra = f", base {entry['base']} x {entry['steps']} steps" if "base" in entry else ""
+    if "guidance_anchors" in entry:
+        anchors = ", ".join(f"{w:g}" for w in entry["guidance_anchors"])
+        extra += f", guidance anchors {anchors} ({entry['guidance_convention']}), interpolated linearly between them"
     if entry.get("sigma0", 1.0) != 1.0:
         extra += f", preconditioning sigma0={entry['sigma0']:g}"
     lines = [f"NFE {key}: {kind}, {entry.get('parameters')} parameters, init {entry.get('init')}{extra}"]
@@ -54,6 +60,11 @@ def _solver_lines(key: str, entry: dict) -> list[str]:
         lines.append(f"  times at NFE {nfe}: " + ", ".join(f"{x:.4f}" for x in times))
     if "times" in entry:
         lines.append("  times: " + ", ".join(f"{x:.4f}" for x in entry["times"]))
+    for w, times in (entry.get("guidance_times") or {}).items():
+        lines.append(f"  times at guidance {w}: " + ", ".join(f"{x:.4f}" for x in times))
+    by = (entry.get("training") or {}).get("val_psnr_by_guidance") or {}
+    if by:
+        lines.append("  validation PSNR by guidance scale: " + ", ".join(f"w={w} {v[1]:.2f} dB" for w, v in by.items()))
     return lines
 
 

@@ -4,9 +4,12 @@
                   [--gt GT_DIR] [--init SOLVER] [--precondition SIGMA0] [--resume]
     bespoke train --model zoo:digits-vp --solver schedule:dpm++2m --nfe 4-16 --out sched.safetensors
     bespoke train --model zoo:digits-ot --solver bespoke-rk2 --nfe 4-16 --out rk2.safetensors   (NFE-agnostic)
+    bespoke train --model zoo:digits-t2i --prompts P.txt --solver bns --nfe 8 --guidance-scales 1,2,3,5,8
+                  [--anchors 1,3,8] --out guided.safetensors     (one solver for every guidance scale in 1-8)
 
 Validation pairs are the first --val-samples of the GT cache, training pairs the next --train-samples.
-Without --gt the pairs are made (or reused) in OUT.gt/. Every validation writes a checkpoint to
+Without --gt the pairs are made (or reused) in OUT.gt/ (per guidance scale W: OUT.gt/wW/, and --gt DIR
+means DIR/wW/). Every validation writes a checkpoint to
 OUT.ckpt/; a killed run continues with --resume and ends where an uninterrupted one would.
 """
 
@@ -78,6 +81,22 @@ def register(sub) -> None:
         "the grid to warp (uniform, quadratic, logsnr, edm)",
     )
     p.add_argument(
+        "--guidance-scales",
+        type=scale_list,
+        default=None,
+        metavar="W,W,...",
+        help="bns: one solver for every guidance scale between the lowest and highest of these, trained on GT pairs "
+        "at each (in the model's --guidance convention); sample it with any --guidance W in that range",
+    )
+    p.add_argument(
+        "--anchors",
+        type=scale_list,
+        default=None,
+        metavar="W,W,...",
+        help="with --guidance-scales: the scales that hold parameters (default: all of them); the solver interpolates "
+        "between them, and the scales between anchors train the interpolation",
+    )
+    p.add_argument(
         "--precondition", type=positive_float, default=1.0, metavar="SIGMA0", help="bns preconditioning σ₀ (default 1)"
     )
     p.add_argument(
@@ -126,6 +145,17 @@ def solver_kind(text: str) -> str:
         f"unknown solver kind {text!r}; valid: {', '.join(LEARNED)}, schedule:METHOD with METHOD one of "
         f"{', '.join(SCHEDULE_BASES)}"
     )
+
+
+def scale_list(text: str) -> list[float]:
+    """--guidance-scales / --anchors: 2 or more distinct finite numbers."""
+    try:
+        values = sorted({float(v) for v in text.split(",")})
+    except ValueError:
+        values = []
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected 2 or more guidance scales, e.g. 1,2,3,5,8; got {text!r}")
+    return values
 
 
 def nfes_for(kind: str, text: str) -> list:
@@ -226,18 +256,18 @@ def extend_command(args, cache, num: int) -> str:
     return " ".join([*words, f"--out {cache.path}"])
 
 
-def _pairs(args, flow, dev):
-    """(train, val) slices of the GT cache of --gt, or of OUT.gt/ made here."""
+def _pairs(args, flow, dev, sub: str = ""):
+    """(train, val) slices of the GT cache of --gt, or of OUT.gt/ made here (in their folder `sub` if given)."""
     if args.gt is None:
         num = args.val_samples + (512 if args.train_samples is None else args.train_samples)
-        gt_dir = f"{args.out}.gt"
+        gt_dir = str(Path(f"{args.out}.gt") / sub)
         trajectory = _trajectory(args, flow, num, Path(gt_dir))
         say(args, f"ground truth: {num} pairs in {gt_dir} (reused when present) ...")
         cache = bespoke.generate_gt(
             flow, gt_dir, num=num, seed=args.seed, trajectory=trajectory, device=dev, quiet=args.quiet
         )
     else:
-        cache = bespoke.load_gt(args.gt, flow, force=args.force)
+        cache = bespoke.load_gt(Path(args.gt) / sub, flow, force=args.force)
     v = args.val_samples
     stop = len(cache) if args.train_samples is None else v + args.train_samples
     need = max(stop, v + 1)  # at least one training pair
@@ -294,6 +324,8 @@ def cmd_train(args) -> int:
     others = _other_checkpoints(checkpoints, args.solver, nfes)
     if others:
         say(args, f"{checkpoints} also holds unfinished checkpoints of another run ({', '.join(others)}): kept")
+    if args.guidance_scales is not None or args.anchors is not None:
+        return cmd_train_guided(args, dev, nfes, checkpoints, t0)
     flow = load_flow(args)
     check_training_budget(flow, [most], max(args.batch_size, args.val_samples), dev)
     train, val = _pairs(args, flow, dev)
@@ -322,4 +354,50 @@ def cmd_train(args) -> int:
         print(summary_line(s))
     served = ", ".join(f"NFE {s.range_text() if isinstance(s, Ranged) else s.nfe}" for s in solvers)
     print(f"wrote {args.out} ({served}) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_train_guided(args, dev, nfes, checkpoints: Path, t0: float) -> int:
+    """--guidance-scales: one guided BNS solver per NFE, on GT pairs at every scale (OUT.gt/wW/ or --gt DIR/wW/)."""
+    if args.guidance_scales is None:
+        raise BespokeError("--anchors goes with --guidance-scales W,W,... (the scales to train on)")
+    if args.solver != "bns" or args.guidance is not None:
+        raise BespokeError(
+            "--guidance-scales trains --solver bns for a range of scales; drop --guidance (it fixes one scale)"
+        )
+    flows, pairs = {}, {}
+    for w in args.guidance_scales:
+        flows[w] = load_flow(argparse.Namespace(**{**vars(args), "guidance": w}))
+        say(args, f"guidance scale {w:g}:")
+        pairs[w] = _pairs(args, flows[w], dev, f"w{w:g}")
+    first = flows[args.guidance_scales[0]]
+    check_training_budget(first, [max(nfes)], max(args.batch_size, args.val_samples), dev)
+    config = bespoke.FitConfig(
+        iterations=args.iterations or BNS_ITERATIONS, batch_size=args.batch_size, lr=args.lr or 1e-2, seed=args.seed
+    )
+    solvers = []
+    for nfe in nfes:
+        s = bespoke.train_bns_guided(
+            flows,
+            pairs,
+            nfe,
+            anchors=args.anchors,
+            init=args.init,
+            sigma0=args.precondition,
+            config=config,
+            checkpoint=checkpoints / f"bns-guided-nfe{nfe}",
+            grad_checkpoint=args.grad_checkpoint,
+            device=dev,
+            quiet=args.quiet,
+        )
+        solvers.append(s.cpu())
+        by = s.training_summary["val_psnr_by_guidance"]
+        cells = ", ".join(f"w={w}: {v[1]:.2f}" for w, v in by.items())
+        print(f"bns NFE {nfe} for guidance {s.range_text()}: {cells} dB on the validation pairs")
+    bespoke.save_solvers(args.out, solvers, first)
+    discard_checkpoints(checkpoints, [p for p in checkpoints.glob("bns-guided-*")] if checkpoints.is_dir() else [])
+    print(
+        f"wrote {args.out} (NFE {', '.join(map(str, nfes))}, guidance {solvers[0].range_text()}) in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     return 0

@@ -12,10 +12,17 @@ the solver with NFE n; `timesteps` are t_0..t_{n-1} in the model's own units (fr
 timesteps, or 1000 s for flow matching), and `step` turns the network's output into the velocity
 with the model's training schedule (the same config keys as diffusers' DDPM-type schedulers, or
 `prediction_type="flow_prediction"`), exactly as `bespoke` does when it samples by itself.
+
+A guided solver (one for a range of guidance scales) is stored as its anchors' raw parameters and compiled to
+NS form for the scale W at `set_timesteps`. The scale comes, first found first: `set_timesteps(n,
+guidance_scale=W)`; the attribute `scheduler.guidance_scale = W`; the pipeline the scheduler follows
+(`scheduler.follow(pipe)`: diffusers' SD, SDXL, SD3 and Flux pipelines set `pipe._guidance_scale` from
+`pipe(..., guidance_scale=W)` before they call `set_timesteps`, so the pipeline's own argument reaches it).
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -26,6 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ..errors import BespokeError
 from ..paths import VPDiscrete
 from ..solvers.common import lincomb
+from ..solvers.guided import GuidedBNSSolver
 from .diffusers_config import DIFFUSERS_PREDICTIONS, DiffusersSchedule, ddpm_tables, schedule_from_config
 
 __all__ = ["BespokeScheduler"]
@@ -66,7 +74,11 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(self._schedule.scheduler, VPDiscrete):  # what DDPM-type schedulers expose (compute_snr, ...)
             tables = ddpm_tables(dict(self.config), "BespokeScheduler")
             self.betas, self.alphas, self.alphas_cumprod = tables["betas"], tables["alphas"], tables["alphas_cumprod"]
-        self._solvers = {int(k): _ns_arrays(k, v) for k, v in (solvers or {}).items()}
+        self._solvers = {
+            int(k): _guided(k, v) if "guided" in v else _ns_arrays(k, v) for k, v in (solvers or {}).items()
+        }
+        self.guidance_scale: float | None = None  # the scale for guided solvers, when set_timesteps is not given one
+        self._pipeline = None  # a weak reference to the pipeline whose guidance_scale it follows
         self.init_noise_sigma = 1.0
         self.timesteps = torch.zeros(0)
         self.num_inference_steps = None
@@ -88,6 +100,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
             solvers = [solvers]
         table = {}
         for s in solvers:
+            if isinstance(s, GuidedBNSSolver):
+                table[str(s.nfe)] = {"name": s.name, "guided": _guided_record(s)}
+                continue
             ns = s.to_ns(flow)
             table[str(ns.nfe)] = {
                 "name": getattr(s, "name", ns.name),
@@ -131,9 +146,32 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
             )
         self._begin_index = begin_index
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None, **kwargs):
-        """Pick the solver with NFE `num_inference_steps`. Flow pipelines' `sigmas`/`mu` are accepted and
-        ignored (the solver brings its own times; `len(sigmas)` gives the NFE when no step count is given)."""
+    def follow(self, pipeline) -> BespokeScheduler:
+        """Take the guidance scale of guided solvers from `pipeline` (its `_guidance_scale`, which diffusers'
+        SD/SDXL/SD3/Flux pipelines set from `pipe(..., guidance_scale=W)` before `set_timesteps`); returns self."""
+        self._pipeline = weakref.ref(pipeline)
+        return self
+
+    def _scale(self, given) -> float:
+        """The guidance scale for a guided solver: set_timesteps', else the attribute's, else the pipeline's."""
+        if given is None:
+            given = self.guidance_scale
+        if given is None and self._pipeline is not None and self._pipeline() is not None:
+            given = getattr(self._pipeline(), "_guidance_scale", None)
+        if given is None:
+            raise BespokeError(
+                "BespokeScheduler holds a solver for a range of guidance scales but was given none: call "
+                "set_timesteps(n, guidance_scale=W), set scheduler.guidance_scale = W, or scheduler.follow(pipe) so "
+                "it reads pipe(..., guidance_scale=W)"
+            )
+        return float(given)
+
+    def set_timesteps(
+        self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None, guidance_scale=None, **kwargs
+    ):
+        """Pick the solver with NFE `num_inference_steps` (a guided one at `guidance_scale`, see the module
+        docstring). Flow pipelines' `sigmas`/`mu` are accepted and ignored (the solver brings its own times;
+        `len(sigmas)` gives the NFE when no step count is given)."""
         if timesteps is not None:
             raise BespokeError("BespokeScheduler runs at its learned times; custom `timesteps` cannot be used")
         n = num_inference_steps if num_inference_steps is not None else (len(sigmas) if sigmas is not None else None)
@@ -141,6 +179,10 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
             have = ", ".join(map(str, self.nfes)) or "none (build it with BespokeScheduler.from_solvers)"
             raise BespokeError(f"BespokeScheduler has no solver for {n} steps; it has NFE {have}")
         self._solver = self._solvers[n]
+        if isinstance(self._solver, GuidedBNSSolver):
+            ns = self._solver.at_scale(self._solver.check_scale(self._scale(guidance_scale)))
+            ns = ns.to_ns(self._schedule.scheduler)
+            self._solver = {"times": ns.times, "a": ns.a.tolist(), "b": ns.b.tolist(), "start_scale": ns.start_scale}
         self.num_inference_steps = n
         self.init_noise_sigma = float(self._solver["start_scale"])
         times = self._solver["times"][:-1]
@@ -189,6 +231,28 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
 
     def _canonical(self, timesteps) -> torch.Tensor:
         return self._schedule.time_of(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+
+
+def _guided_record(s: GuidedBNSSolver) -> dict:
+    """A guided solver in the config: its anchors' raw float64 parameters as JSON numbers (exact round trip)."""
+    state = s.state_tensors()
+    return {
+        "entry": {k: v for k, v in s.file_entry().items() if k != "training"},
+        "state": {k: v.tolist() for k, v in state.items()},
+    }
+
+
+def _guided(nfe, entry: dict) -> GuidedBNSSolver:
+    """A guided solver from its config record, validated."""
+    try:
+        record = entry["guided"]
+        state = {k: torch.tensor(v, dtype=torch.float64) for k, v in record["state"].items()}
+        shapes = GuidedBNSSolver.state_shapes(record["entry"])
+        if int(record["entry"]["nfe"]) != int(nfe) or any(tuple(state[k].shape) != v for k, v in shapes.items()):
+            raise ValueError("shapes")
+        return GuidedBNSSolver.from_state(state, record["entry"], None)
+    except (KeyError, TypeError, ValueError, BespokeError) as e:
+        raise BespokeError(f"BespokeScheduler config: the guided solver for NFE {nfe} is malformed ({e})") from None
 
 
 def _ns_arrays(nfe, entry: dict) -> dict:

@@ -24,7 +24,7 @@ from .base import Dedicated, Solver
 from .learned import Learned, evaluator, pinned_times
 from .nonstationary import NSSolver, Trace, run_ns
 
-__all__ = ["BNSSolver", "preconditioned_frame"]
+__all__ = ["BNSSolver", "preconditioned_frame", "run_bns"]
 
 _TINY = 1e-30  # stands in for a zero time increment (repeated times, e.g. RK4's two midpoint stages)
 
@@ -45,6 +45,19 @@ def preconditioned_frame(scheduler: Scheduler | None, sigma0: float, r: torch.Te
             f"preconditioning with sigma0 = {sigma0:g} needs a path whose SNR reaches 0 at t = 0 (FM paths such "
             f"as condot and cosine); {scheduler!r} does not, so use sigma0 = 1 for this model"
         ) from None
+
+
+def run_bns(flow, noise, coefficients, start_scale: float, sigma0: float, cond: dict, checkpoint: bool = False):
+    """Algorithm 1 with the (differentiable) float64 coefficients (times, a, b), in the preconditioned
+    coordinates of spec §3.3 when sigma0 != 1; the path math on the CPU in float64, the weights cast to the
+    state's dtype."""
+    times, a, b = coefficients
+    frame = preconditioned_frame(flow.scheduler, sigma0, times.cpu())
+    a, b = a.to(noise.device, noise.dtype), b.to(noise.device, noise.dtype)
+    if frame is not None:  # the times stay float64 for the flow; the coefficients take the state's dtype
+        cast = lambda v: v.to(noise.device, noise.dtype)
+        frame = type(frame)(t=frame.t, s=cast(frame.s), dt=cast(frame.dt), ds=cast(frame.ds))
+    return run_ns(evaluator(flow, cond, checkpoint), noise, times, a, b, start_scale, frame)
 
 
 class BNSSolver(Learned):
@@ -166,14 +179,7 @@ class BNSSolver(Learned):
         in the backward pass instead of storing its activations (memory: the n velocities only)."""
         flow.check_noise(noise)
         self.check_model(flow)
-        times, a, b = self.coefficients()
-        frame = preconditioned_frame(flow.scheduler, self.sigma0, times.cpu())  # path math on the CPU, in float64
-        a, b = a.to(noise.device, noise.dtype), b.to(noise.device, noise.dtype)
-        if frame is not None:  # the times stay float64 for the flow; the coefficients take the state's dtype
-            cast = lambda v: v.to(noise.device, noise.dtype)
-            frame = type(frame)(t=frame.t, s=cast(frame.s), dt=cast(frame.dt), ds=cast(frame.ds))
-
-        return run_ns(evaluator(flow, cond, checkpoint), noise, times, a, b, self.start_scale, frame)
+        return run_bns(flow, noise, self.coefficients(), self.start_scale, self.sigma0, cond, checkpoint)
 
     def to_ns(self, target=None, ode_end: float = 1.0) -> NSSolver:
         """The plain NS form over the model's own velocity (compiling the preconditioned coordinates away)."""

@@ -1,7 +1,9 @@
 """Solver files (DESIGN §6): learned solvers as safetensors tensors plus JSON metadata, never a pickle.
 
 One file holds one solver per NFE, or per range of NFEs for the solvers that serve one (a learned schedule,
-an NFE-agnostic Bespoke solver: key "LO-HI", every NFE in it that its method takes). Tensors are named
+an NFE-agnostic Bespoke solver: key "LO-HI", every NFE in it that its method takes). A file of guided BNS
+solvers (one per NFE, each serving a range of guidance scales: fields guidance_anchors, guidance_convention)
+records the range in its model record, {"range": [LO, HI], "convention": ...}, instead of one weight. Tensors are named
 `nfe{KEY}.{parameter}` and hold the raw float64
 parameters, so a loaded solver samples bit for bit like the one that was saved. The metadata says
 what the file is for (model fingerprint, guidance, path), what each solver is (kind, NFE, init,
@@ -22,6 +24,7 @@ from ..records import OPTIONAL, REQUIRED, fields_problem, is_guidance, is_int, i
 from .bespoke_range import BespokeRangeSolver
 from .bns import BNSSolver
 from .grids import CONTINUOUS
+from .guided import GuidedBNSSolver
 from .learned import guidance_record
 from .ranged import Ranged, served_text
 from .scale_time import BASE, BespokeSolver
@@ -40,15 +43,34 @@ RANGE_KINDS = tuple(RANGE_CLASSES)  # kinds that can serve a range (`bespoke tra
 _FIX = "train a new one with `bespoke train ... --out FILE`"
 
 
-def model_record(flow) -> dict:
-    """What a solver file records of the model it was trained for."""
+def model_record(flow, solvers=()) -> dict:
+    """What a solver file records of the model it was trained for (with guided `solvers`: their scale range)."""
+    guided = [s for s in solvers if isinstance(s, GuidedBNSSolver)]
     return {
         "name": flow.name,
         "fingerprint": flow.fingerprint,
         "scheduler": repr(flow.scheduler) if flow.scheduler is not None else None,
-        "guidance": guidance_record(flow),
+        "guidance": _range_record(guided[0]) if guided else guidance_record(flow),
         "prompts": _prompts_record(flow),
     }
+
+
+def _range_record(s: GuidedBNSSolver) -> dict:
+    return {"range": list(s.guidance_range), "convention": s.convention}
+
+
+def _check_guided(solvers: list) -> None:
+    """A file is for one guidance scale or for one range of them: guided solvers all with the same anchors."""
+    guided = [s for s in solvers if isinstance(s, GuidedBNSSolver)]
+    if not guided:
+        return
+    if len(guided) != len(solvers):
+        raise BespokeError(
+            "a solver file is for one guidance scale or for a range of them: save guided solvers apart from others"
+        )
+    first = guided[0]
+    if any(s.anchor_list != first.anchor_list or s.convention != first.convention for s in guided):
+        raise BespokeError("the guided solvers of one file must share their anchor scales and convention")
 
 
 def _prompts_record(flow) -> dict | None:
@@ -70,6 +92,11 @@ def is_range_entry(entry: dict) -> bool:
     return entry["kind"] == "schedule" or (entry["kind"] in RANGE_CLASSES and "nfe_range" in entry)
 
 
+def is_guided_entry(entry: dict) -> bool:
+    """Whether a file entry is a BNS solver for a range of guidance scales."""
+    return entry["kind"] == "bns" and "guidance_anchors" in entry
+
+
 def _served(s) -> list[int]:
     return s.valid_nfes() if isinstance(s, Ranged) else [s.nfe]
 
@@ -86,6 +113,7 @@ def save_solvers(path, solvers, flow) -> None:
         if key in unique and not (isinstance(s, Ranged) and _same_parameters(unique[key], s)):
             raise BespokeError(f"a solver file holds one solver per NFE; got two for NFE {key}")
         unique[key] = s
+    _check_guided(list(unique.values()))
     nfes = [n for s in unique.values() for n in _served(s)]
     if len(set(nfes)) != len(nfes):
         raise BespokeError(f"a solver file holds one solver per NFE; these solvers overlap at NFE {_twice(nfes)}")
@@ -98,7 +126,7 @@ def save_solvers(path, solvers, flow) -> None:
         "format": FORMAT,
         "version": VERSION,
         "library_version": __version__,
-        "model": model_record(flow),
+        "model": model_record(flow, list(unique.values())),
         "solvers": entries,
     }
     save_tensors(Path(path), tensors, meta)
@@ -125,11 +153,29 @@ _COUNT = (lambda v: is_int(v, 1), "an integer >= 1")
 _STEPS = (lambda v: is_int(v, 0), "an integer >= 0")
 _PSNR = (lambda v: is_real(v, finite=False), "a number")  # inf where a solver is exact
 _TIMES = (lambda v: isinstance(v, list) and all(is_real(x) for x in v), "a list of finite numbers")
+_GUIDANCE_WHAT = 'null, {"weight": number, "convention": string} or {"range": [LO, HI], "convention": string}'
+_CONVENTIONS = ("fm", "diffusers")
+
+
+def _is_range(v) -> bool:
+    ok = isinstance(v, dict) and v.get("convention") in _CONVENTIONS and isinstance(v.get("range"), list)
+    return ok and len(v["range"]) == 2 and all(is_real(x) for x in v["range"]) and v["range"][0] < v["range"][1]
+
+
+def _is_anchors(v) -> bool:
+    ok = isinstance(v, list) and len(v) >= 2 and all(is_real(x) for x in v)
+    return ok and all(x < y for x, y in zip(v, v[1:]))
+
+
+_GUIDED_FIELDS = (
+    ("guidance_anchors", _is_anchors, "a list of 2 or more increasing numbers", REQUIRED),
+    ("guidance_convention", lambda v: v in _CONVENTIONS, "'fm' or 'diffusers'", REQUIRED),
+)
 _MODEL_FIELDS = (
     ("name", *_OPT_STR, OPTIONAL),
     ("fingerprint", *_OPT_STR, REQUIRED),
     ("scheduler", *_OPT_STR, OPTIONAL),
-    ("guidance", is_guidance, 'null or {"weight": number, "convention": string}', None),  # absent: none
+    ("guidance", lambda v: is_guidance(v) or _is_range(v), _GUIDANCE_WHAT, None),  # absent: none
     ("prompts", lambda v: v is None or (isinstance(v, dict) and is_str(v.get("sha256"))), "null or an object", None),
 )
 _ENTRY_FIELDS = (
@@ -197,6 +243,8 @@ def _check_metadata(path, meta) -> None:
             if _nfe_of_key(key) is None:
                 raise BespokeError(f"{path} is damaged: solvers are keyed by NFE (1, 2, ...), not {short(key)}; {_FIX}")
             _check_fields(path, entry, _ENTRY_FIELDS, f" of solver {key}")
+            if is_guided_entry(entry):
+                _check_fields(path, entry, _GUIDED_FIELDS, f" of solver {key}")
             if entry["nfe"] != int(key):
                 raise BespokeError(f"{path} is damaged: solver {key} says it has NFE {entry['nfe']}; {_FIX}")
         _check_fields(path, entry.get("training", {}), _TRAINING_FIELDS, f" of solver {key}'s training summary")
@@ -244,11 +292,11 @@ def _read(path) -> tuple[dict, dict]:
 
 def _build(path, tensors: dict, meta: dict, key: str, flow, force: bool):
     entry = meta["solvers"][key]
-    ranged = is_range_entry(entry)
-    kind = RANGE_CLASSES[entry["kind"]] if ranged else KINDS[entry["kind"]]
+    ranged, guided = is_range_entry(entry), is_guided_entry(entry)
+    kind = RANGE_CLASSES[entry["kind"]] if ranged else GuidedBNSSolver if guided else KINDS[entry["kind"]]
     state = {}
     try:
-        shapes = kind.state_shapes(entry) if ranged else kind.state_shapes(entry["nfe"])
+        shapes = kind.state_shapes(entry) if ranged or guided else kind.state_shapes(entry["nfe"])
     except BespokeError as e:
         raise BespokeError(f"{path}: the NFE-{key} solver is invalid ({e}); {_FIX}") from None
     for name, shape in shapes.items():
@@ -263,6 +311,12 @@ def _build(path, tensors: dict, meta: dict, key: str, flow, force: bool):
         solver = kind.from_state(state, entry, meta["model"]["fingerprint"])
     except BespokeError as e:
         raise BespokeError(f"{path}: the NFE-{key} solver is invalid ({e}); {_FIX}") from None
+    if guided and meta["model"]["guidance"] != _range_record(solver):
+        said = short(meta["model"]["guidance"])
+        raise BespokeError(
+            f"{path} is damaged: its model record says guidance {said}, its NFE-{key} solver serves "
+            f"{_range_record(solver)}; {_FIX}"
+        )
     solver.model_guidance = meta["model"]["guidance"]
     solver.force = force
     if flow is not None:

@@ -109,11 +109,15 @@ class Learned(nn.Module, Solver):
             fix = "sample at the scale it was trained for (--guidance), train one at this scale"
         else:
             return
+        self.refuse_unless_forced(problem, fix)
+
+    def refuse_unless_forced(self, problem: str, fix: str) -> None:
+        """A one-line error naming `problem` and `fix`, or, when forced, one warning per solver and problem."""
         if not self.force:
             raise BespokeError(f"{problem}; {fix}, or force it (force=True / --force)")
         if problem not in self._warned:  # once per solver, not at every batch
             self._warned.add(problem)
-            warnings.warn(f"{problem} (used anyway: forced)", stacklevel=3)
+            warnings.warn(f"{problem} (used anyway: forced)", stacklevel=4)
 
     def validate(self) -> None:
         """Finite parameters and a monotone grid (checked before saving and after loading)."""
