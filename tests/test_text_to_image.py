@@ -136,6 +136,33 @@ def test_stock_pipeline_with_bespoke_scheduler_equals_our_sampler(folders, kind,
     assert (ours - theirs).abs().max() <= 1e-4 * scale, ((ours - theirs).abs().max(), scale)
 
 
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_a_guided_solver_takes_the_pipelines_own_guidance_scale(folders, kind, tmp_path):
+    """BespokeScheduler.from_solvers(guided file, flow).follow(pipe): pipe(..., guidance_scale=w) samples with the
+    guided solver at w (between its anchors too), equal to our sampler at w; a scale out of its range is refused."""
+    from bespoke.solvers.guided import GuidedBNSSolver
+
+    flows = {w: bespoke.load_model(f"diffusers:{folders[kind]}", prompts=PROMPTS, guidance=w) for w in (1.0, 4.0)}
+    anchors = {w: _perturbed_bns(f, 4).bind_model(f) for w, f in flows.items()}
+    with torch.no_grad():
+        anchors[4.0].a.mul_(1.05)
+    guided = GuidedBNSSolver.from_anchors(anchors, "diffusers")
+    bespoke.save_solvers(tmp_path / "guided.safetensors", [guided], flows[1.0])
+    pipe = load_pipeline(folders[kind])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = BespokeScheduler.from_solvers(tmp_path / "guided.safetensors", flows[1.0]).follow(pipe)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    run = dict(num_inference_steps=4, latents=latents, output_type="latent", height=16, width=16)
+    for w in (1.0, 2.5):
+        flow = bespoke.load_model(f"diffusers:{folders[kind]}", prompts=PROMPTS, guidance=w)
+        ours = guided.sample(flow, latents.double(), labels=labels).float()
+        theirs = pipe([PROMPTS[0], PROMPTS[2]], guidance_scale=w, **{**run, "latents": latents.clone()}).images
+        assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+    with pytest.raises(BespokeError, match=r"serves guidance scales \[1, 4\]"):
+        pipe([PROMPTS[0]], guidance_scale=7.0, **{**run, "latents": latents[:1].clone()})
+
+
 # --- the CLI: gt -> train -> sample with --prompts and --guidance ------------------------------------
 
 
