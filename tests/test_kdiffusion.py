@@ -80,6 +80,28 @@ def test_bns_solver_and_solver_file(model, x, tmp_path):
         sample_bns(model, x, karras(6) * 0.5, solver=path, disable=True)  # another sigma_max
 
 
+def test_a_guided_solver_runs_at_the_scale_given_or_the_cond_scale(model, x):
+    """A guided solver's NS form at guidance_scale= (or extra_args' cond_scale, k-diffusion's CFG convention)."""
+    from bespoke.solvers.guided import GuidedBNSSolver
+
+    flow = edm_flow(model, SMAX, sample_shape=(2,))
+    low = bespoke.BNSSolver.from_solver(bespoke.solver("ipndm", 6), flow)
+    high = bespoke.BNSSolver.from_solver(bespoke.solver("dpm++2m", 6), flow)
+    guided = GuidedBNSSolver.from_anchors({1.0: low, 5.0: high}, "diffusers")
+    ref = guided.at_scale(2.0).sample(flow, x)
+
+    def cfg(x, sigma, *, cond_scale):  # a CFG wrapper's signature; the analytic model has no condition
+        return model(x, sigma)
+
+    out = sample_bns(model, x, karras(6), solver=guided, guidance_scale=2.0, disable=True)
+    assert close(out, ref)
+    assert close(sample_bns(cfg, x, karras(6), solver=guided, extra_args={"cond_scale": 2.0}, disable=True), ref)
+    with pytest.raises(BespokeError, match=r"serves guidance scales \[1, 5\]"):
+        sample_bns(model, x, karras(6), solver=guided, disable=True)
+    with pytest.raises(BespokeError, match="not 9"):
+        sample_bns(model, x, karras(6), solver=guided, guidance_scale=9.0, disable=True)
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_bespoke_solver(model, x, order):
     flow = edm_flow(model, SMAX, sample_shape=(2,))

@@ -35,6 +35,7 @@ from ..paths import EDM
 from ..solvers import Solver
 from ..solvers import solver as builtin_solver
 from ..solvers.files import load_solver, read_metadata
+from ..solvers.guided import GuidedBNSSolver, to_convention
 from ..solvers.nonstationary import run_ns
 
 __all__ = ["edm_flow", "sample_bns"]
@@ -144,6 +145,18 @@ def _resolve(solver, nfe: int, sched: EDM) -> Solver:
     return builtin_solver(str(solver), nfe)
 
 
+def _guided_scale(solver: GuidedBNSSolver, given, extra: dict) -> float:
+    """The scale a guided solver runs at: guidance_scale=, else extra_args' cond_scale (both k-diffusion's CFG
+    convention, diffusers'), in the solver's convention and checked against its range."""
+    given = extra.get("cond_scale") if given is None else given
+    if given is None:
+        raise BespokeError(
+            f"this solver serves guidance scales {solver.range_text()}: pass sample_bns(..., guidance_scale=S) with "
+            "the scale your CFG wrapper applies (or extra_args={'cond_scale': S})"
+        )
+    return solver.check_scale(to_convention(float(given), "diffusers", solver.convention))
+
+
 def _endpoints(sigmas) -> tuple[torch.Tensor, float, float]:
     sigmas = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.dim() != 1 or sigmas.numel() < 2:
@@ -152,7 +165,9 @@ def _endpoints(sigmas) -> tuple[torch.Tensor, float, float]:
 
 
 @torch.no_grad()
-def sample_bns(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=None, rho=7.0):
+def sample_bns(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, solver=None, rho=7.0, guidance_scale=None
+):
     """k-diffusion sampler: the bespoke `solver` on `model` from x (= randn * sigmas[0]) to sigma = sigmas[-1].
 
     Only the endpoints of `sigmas` are used: the EDM path EDM(sigmas[-1], sigmas[0], rho) (see `edm_flow`)
@@ -164,12 +179,17 @@ def sample_bns(model, x, sigmas, extra_args=None, callback=None, disable=None, s
             model fingerprint cannot be checked against a callable model.
     callback: called once per model evaluation with k-diffusion's keys; i is the evaluation index and
             sigma = sigma_hat the noise level sigma(t_i) of that evaluation.
+    guidance_scale: for a guided solver (one for a range of scales), the scale `model` applies, in k-diffusion's
+            CFG convention uncond + s (cond - uncond); default: extra_args["cond_scale"], as CFG wrappers take it.
     """
     sigmas, sigma_max, sigma_min = _endpoints(sigmas)
     extra = dict(extra_args or {})
     flow = edm_flow(model, sigma_max, sigma_min, rho, sample_shape=tuple(x.shape[1:]), extra_args=extra)
     sched = flow.scheduler
-    ns = _resolve(solver, sigmas.numel() - 1, sched).to_ns(flow)
+    resolved = _resolve(solver, sigmas.numel() - 1, sched)
+    if isinstance(resolved, GuidedBNSSolver):  # its NS form at the scale the model runs at
+        resolved = resolved.at_scale(_guided_scale(resolved, guidance_scale, extra))
+    ns = resolved.to_ns(flow)
     a, b = ns.a.to(x.device, x.dtype), ns.b.to(x.device, x.dtype)
     calls = itertools.count()
 
