@@ -106,7 +106,10 @@ class Learned(nn.Module, Solver):
                 f"this solver was trained at {_guidance_text(self.model_guidance)}, but {flow.name} runs at "
                 f"{_guidance_text(guidance_record(flow))}"
             )
-            fix = "sample at the scale it was trained for (--guidance), train one at this scale or for a range of scales (--guidance-scales)"
+            fix = (
+                "sample at the scale it was trained for (--guidance), train one at this scale or one for a range "
+                "of scales (--guidance-scales)"
+            )
         else:
             return
         self.refuse_unless_forced(problem, fix)
