@@ -198,7 +198,13 @@ def table(res: dict, nfe: int) -> list[str]:
         row = cells[str(nfe)]
         name, best = best_dedicated(row)
         per = row.get("per-scale")
-        anchor = " (anchor)" if float(w) in res["anchors"] else "" if float(w) in res["scales"] else " (not trained on)"
+        anchor = (
+            " (anchor)"
+            if float(w) in res["anchors"]
+            else " (trained on, between anchors)"
+            if float(w) in res["scales"]
+            else " (not trained on)"
+        )
         line = f"| {w}{anchor} | **{row['guided']:.2f}** | " + (
             f"{per:.2f} | {row['guided'] - per:+.2f} |" if per else "— | — |"
         )
@@ -220,6 +226,15 @@ def plot(results: list[dict], nfes, path: Path) -> None:
             pts = [(float(w), c["per-scale"]) for w, c in zip(res["psnr"], cells) if "per-scale" in c]
             ax.plot(*zip(*pts), "D", color="crimson", ms=8, label="BNS trained at that scale alone")
             ax.plot(ws, [best_dedicated(c)[1] for c in cells], "s--", color="tab:blue", label="best dedicated solver")
+            for name, color in (("dpm++2m", "tab:orange"), ("unipc", "tab:purple")):  # high order: lose most at high w
+                ax.plot(
+                    ws,
+                    [c["dedicated"].get(name, float("nan")) for c in cells],
+                    lw=1,
+                    alpha=0.6,
+                    color=color,
+                    label=name,
+                )
             if "diffusers" in res:
                 peers = [best_diffusers(res, w, nfe)[1] for w in res["psnr"]]
                 ax.plot(ws, peers, "^:", color="tab:green", label="best diffusers scheduler (pipeline)")

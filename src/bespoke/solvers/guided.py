@@ -67,6 +67,8 @@ class GuidedBNSSolver(Learned):
             raise BespokeError(
                 f"a guided solver with {k} anchors at NFE {n} needs log_dt, a ({k}, {n}), b ({k}, {n}, {n})"
             )
+        if not float(sigma0) > 0:
+            raise BespokeError(f"sigma0 must be > 0 (1 = no preconditioning), got {sigma0}")
         if convention not in ("fm", "diffusers"):
             raise BespokeError(f"unknown guidance convention {convention!r}; valid: 'fm', 'diffusers'")
         self.convention = convention
