@@ -95,7 +95,9 @@ def run_model(model: str, args) -> dict:
                 quiet=args.quiet,
             )
     res = {"model": model, "scales": scales, "anchors": args.anchors, "eval_scales": args.eval_scales}
-    res.update(eval=SIZES[model][2], val=SIZES[model][0], train=SIZES[model][1], seconds={})
+    res.update(
+        eval=SIZES[model][2], val=SIZES[model][0], train=SIZES[model][1], seconds={}, command=command(model, args)
+    )
 
     # the guided solver (one per NFE) and the per-scale BNS solvers at the benchmark's scales
     guided, per = {}, {w: {} for w in args.scales}
@@ -252,17 +254,23 @@ def plot(results: list[dict], nfes, path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: list[dict], args, started: float) -> None:
-    command = (
-        f"python benchmarks/guidance_range.py --models {','.join(args.models)} --nfe {','.join(map(str, args.nfe))} "
+def command(model: str, args) -> str:
+    """The invocation that makes `model`'s results (each model's run is cached with its own settings)."""
+    return (
+        f"python benchmarks/guidance_range.py --models {model} --nfe {','.join(map(str, args.nfe))} "
         f"--scales {','.join(f'{w:g}' for w in args.scales)} --anchors {','.join(f'{w:g}' for w in args.anchors)} "
         f"--eval-scales {','.join(f'{w:g}' for w in args.eval_scales)} --iterations {args.iterations} "
         f"--joint-iterations {args.joint_iterations} --batch-size {args.batch_size}"
     )
+
+
+def report(results: list[dict], args, started: float) -> None:
     lines = [
         "## One solver for a range of guidance scales",
         "",
-        f"Command: `{command}`. Machine: {machine()}.",
+        "Commands (one per model; the report is written by the last, which reads the other's cached results): "
+        + "; ".join(f"`{r['command']}`" for r in results)
+        + f". Machine: {machine()}.",
         "",
         "Guidance in diffusers' convention (uncond + w (cond − uncond); w = 1 is unguided) on both models. The "
         "guided solver is one file: BNS parameters at the anchor scales, interpolated linearly in w between them "
@@ -308,7 +316,7 @@ def main() -> None:
     ap.add_argument("--models-only", action="store_true", help="train and evaluate, write no report")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
-    args.tag = "a" + "-".join(f"{w:g}" for w in args.anchors)
+    args.tag = "a" + "-".join(f"{w:g}" for w in args.anchors) + f"-i{args.iterations}-j{args.joint_iterations}"
     started = time.perf_counter()
     results = [run_model(m, args) for m in args.models]
     if not args.models_only:
