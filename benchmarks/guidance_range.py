@@ -74,7 +74,7 @@ def timed(file: Path, flow, make):
 
 def run_model(model: str, args) -> dict:
     home = args.cache / model
-    done = home / f"results-{args.tag}.json"
+    done = home / f"results-{args.tag}-n{'-'.join(map(str, args.nfe))}.json"
     if done.exists():
         return json.loads(done.read_text())
     home.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,11 @@ def main() -> None:
     ap.add_argument("--models-only", action="store_true", help="train and evaluate, write no report")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
-    args.tag = "a" + "-".join(f"{w:g}" for w in args.anchors) + f"-i{args.iterations}-j{args.joint_iterations}"
+    args.tag = (
+        "a"
+        + "-".join(f"{w:g}" for w in args.anchors)
+        + f"-i{args.iterations}-j{args.joint_iterations}"
+    )
     started = time.perf_counter()
     results = [run_model(m, args) for m in args.models]
     if not args.models_only:

@@ -237,3 +237,19 @@ def test_cli_guidance_scales_is_for_bns_without_a_fixed_guidance(tmp_path, capsy
     assert cli.main([*base, "--solver", "bns", "--guidance", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("bespoke: error:") == 2 and "--guidance-scales" in err
+
+
+def test_starts_that_evaluate_where_the_model_is_singular_are_passed_over(tmp_path):
+    """On a VP path heun and rk4 evaluate at t = 1, where the model is singular: those grids are skipped."""
+    flows = {w: bespoke.load_model("zoo:gmm2d", path="vp-discrete", guidance=Guidance(w, "diffusers")) for w in (1, 3)}
+    pairs = {}
+    for w, f in flows.items():
+        cache = bespoke.generate_gt(f, tmp_path / f"w{w}", num=48, trajectory=9, quiet=True)
+        pairs[w] = (cache.slice(16, 48), cache.slice(0, 16))
+    def singular_at_one(f):  # as a diffusion network is: no finite velocity at the data end
+        return f.derived(lambda t, x, **c: f._velocity(t, x, **c) * torch.where(t >= 1, torch.nan, 1.0)[:, None])
+
+    flows = {w: singular_at_one(f) for w, f in flows.items()}
+    g = train_bns_guided(flows, pairs, 4, config=FitConfig(iterations=2), quiet=True)
+    candidates = g.training_summary["init_candidates_psnr"]
+    assert candidates and not any(k.startswith(("heun", "rk4")) for k in candidates)

@@ -82,20 +82,10 @@ def _shared_start(flows, pairs, anchors, nfe, init, sigma0, least_squares) -> tu
         if grid in grids:  # euler, ddim and midpoint share theirs: their refits coincide
             continue
         grids.add(grid)
-        starts = {}
-        for w in anchors:
-            train, val = pairs[w]
-            options = [BNSSolver.from_solver(solver(name, nfe), flows[w], sigma0=sigma0)]  # one each: bound to w
-            if least_squares and has_trajectories(train):
-                options.append(least_squares_coefficients(flows[w], options[0], train))
-            rated = []
-            for o in options:
-                try:
-                    rated.append((solver_psnr(o.bind_model(flows[w]), flows[w], val), o))
-                except NonFiniteVelocity:
-                    rated.append((-math.inf, o))
-            scores.update({f"{o.init}@w={w:g}": v for v, o in rated})
-            starts[w] = max(rated, key=lambda r: r[0])
+        try:
+            starts = {w: _rated_start(name, nfe, flows[w], *pairs[w], sigma0, least_squares, scores) for w in anchors}
+        except NonFiniteVelocity:  # it evaluates where the model is singular (heun, rk4 at t = 1 of a VP path)
+            continue
         mean = sum(v for v, _ in starts.values()) / len(anchors)
         if math.isfinite(mean) and (best is None or mean > best[0]):
             best = (mean, {w: o for w, (_, o) in starts.items()})
@@ -104,6 +94,18 @@ def _shared_start(flows, pairs, anchors, nfe, init, sigma0, least_squares) -> tu
             f"no initial solver can run at NFE {nfe} on {flows[anchors[0]].name}; choose init explicitly"
         )
     return best[1], scores
+
+
+def _rated_start(name, nfe, flow, train, val, sigma0, least_squares, scores) -> tuple[float, BNSSolver]:
+    """(validation PSNR, start) of the dedicated solver `name` at one scale: its own coefficients or their
+    least-squares refit on `train`, whichever is better; each one's PSNR recorded in `scores`."""
+    options = [BNSSolver.from_solver(solver(name, nfe), flow, sigma0=sigma0).bind_model(flow)]
+    if least_squares and has_trajectories(train):
+        options.append(least_squares_coefficients(flow, options[0], train))
+    rated = [(solver_psnr(o, flow, val), o) for o in options]
+    w = flow.guidance.weight
+    scores.update({f"{o.init}@w={w:g}": v for v, o in rated})
+    return max(rated, key=lambda r: r[0])
 
 
 def _anchor_solvers(flows, pairs, anchors, nfe, starts, config, checkpoint, quiet, **run) -> dict:
