@@ -316,11 +316,7 @@ def main() -> None:
     ap.add_argument("--models-only", action="store_true", help="train and evaluate, write no report")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
-    args.tag = (
-        "a"
-        + "-".join(f"{w:g}" for w in args.anchors)
-        + f"-i{args.iterations}-j{args.joint_iterations}"
-    )
+    args.tag = "a" + "-".join(f"{w:g}" for w in args.anchors) + f"-i{args.iterations}-j{args.joint_iterations}"
     started = time.perf_counter()
     results = [run_model(m, args) for m in args.models]
     if not args.models_only:

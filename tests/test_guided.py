@@ -246,6 +246,7 @@ def test_starts_that_evaluate_where_the_model_is_singular_are_passed_over(tmp_pa
     for w, f in flows.items():
         cache = bespoke.generate_gt(f, tmp_path / f"w{w}", num=48, trajectory=9, quiet=True)
         pairs[w] = (cache.slice(16, 48), cache.slice(0, 16))
+
     def singular_at_one(f):  # as a diffusion network is: no finite velocity at the data end
         return f.derived(lambda t, x, **c: f._velocity(t, x, **c) * torch.where(t >= 1, torch.nan, 1.0)[:, None])
 
