@@ -218,10 +218,19 @@ def table(res: dict, nfe: int) -> list[str]:
     return lines
 
 
+def nfes_of(res: dict) -> list[int]:
+    """The NFEs a model's run has results for."""
+    return sorted(int(n) for n in next(iter(res["psnr"].values())))
+
+
 def plot(results: list[dict], nfes, path: Path) -> None:
     fig, axes = plt.subplots(len(results), len(nfes), figsize=(5.2 * len(nfes), 3.9 * len(results)), squeeze=False)
     for row, res in zip(axes, results):
         for ax, nfe in zip(row, nfes):
+            if nfe not in nfes_of(res):
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"zoo:{res['model']}: not run at NFE {nfe}", ha="center", transform=ax.transAxes)
+                continue
             ws = [float(w) for w in res["psnr"]]
             cells = [res["psnr"][w][str(nfe)] for w in res["psnr"]]
             ax.plot(ws, [c["guided"] for c in cells], "o-", color="black", lw=2.5, label="guided BNS (one solver)")
@@ -268,7 +277,8 @@ def report(results: list[dict], args, started: float) -> None:
     lines = [
         "## One solver for a range of guidance scales",
         "",
-        "Commands (one per model; the report is written by the last, which reads the other's cached results): "
+        "Commands (one per model, each caching its results; this report: `python benchmarks/guidance_range.py "
+        "--report-from RESULTS.json,...`): "
         + "; ".join(f"`{r['command']}`" for r in results)
         + f". Machine: {machine()}.",
         "",
@@ -281,18 +291,19 @@ def report(results: list[dict], args, started: float) -> None:
         "rows marked 'not trained on' are scales where no training pair was drawn.",
     ]
     for res in results:
-        for nfe in args.nfe:
+        for nfe in nfes_of(res):
             lines += ["", f"**zoo:{res['model']}, NFE {nfe}** ({res['eval']} held-out pairs per scale):", ""]
             lines += table(res, nfe)
         secs = res["seconds"]
-        for nfe in args.nfe:
+        for nfe in nfes_of(res):
             alone = sum(v for k, v in secs.items() if k.endswith(f"-{nfe}") and k.startswith("w"))
             lines.append(
                 f"\nTraining wall time at NFE {nfe}: the guided solver {secs[f'guided-{nfe}']:.0f} s; the "
                 f"{len(args.scales)} per-scale solvers {alone:.0f} s in all."
             )
+    every = sorted({n for res in results for n in nfes_of(res)})
     lines += figure_lines(
-        args.out, "guidance_range.png", "PSNR against guidance scale", lambda p: plot(results, args.nfe, p)
+        args.out, "guidance_range.png", "PSNR against guidance scale", lambda p: plot(results, every, p)
     )
     publish(args.out, MARK, lines, started)
 
@@ -314,8 +325,18 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(".bench-cache/guidance"))
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--models-only", action="store_true", help="train and evaluate, write no report")
+    ap.add_argument(
+        "--report-from",
+        type=lambda s: [Path(v) for v in s.split(",")],
+        default=None,
+        metavar="JSON,JSON",
+        help="write the report from these results files (runs with different settings per model), running nothing",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    if args.report_from:
+        report([json.loads(f.read_text()) for f in args.report_from], args, time.perf_counter())
+        return
     args.tag = "a" + "-".join(f"{w:g}" for w in args.anchors) + f"-i{args.iterations}-j{args.joint_iterations}"
     started = time.perf_counter()
     results = [run_model(m, args) for m in args.models]
