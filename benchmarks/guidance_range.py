@@ -308,6 +308,24 @@ def report(results: list[dict], args, started: float) -> None:
     publish(args.out, MARK, lines, started)
 
 
+def merged(results: list[dict]) -> list[dict]:
+    """One result per model: the runs of one model at different NFEs (same scales) joined."""
+    out: dict[str, dict] = {}
+    for res in results:
+        if res["model"] not in out:
+            out[res["model"]] = res
+            continue
+        into = out[res["model"]]
+        for w, cells in res["psnr"].items():
+            into["psnr"][w].update(cells)
+        for w, cells in res.get("diffusers", {}).items():
+            into["diffusers"][w].update(cells)
+        into["seconds"].update(res["seconds"])
+        into["guided_training"].update(res["guided_training"])
+        into["command"] += f"` and `{res['command']}"
+    return list(out.values())
+
+
 def floats(text: str) -> list[float]:
     return sorted(float(v) for v in text.split(","))
 
@@ -335,7 +353,7 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     if args.report_from:
-        report([json.loads(f.read_text()) for f in args.report_from], args, time.perf_counter())
+        report(merged([json.loads(f.read_text()) for f in args.report_from]), args, time.perf_counter())
         return
     args.tag = "a" + "-".join(f"{w:g}" for w in args.anchors) + f"-i{args.iterations}-j{args.joint_iterations}"
     started = time.perf_counter()
