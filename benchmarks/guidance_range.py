@@ -255,7 +255,7 @@ def plot(results: list[dict], nfes, path: Path) -> None:
             ax.set_xlabel("guidance scale w (diffusers convention; grey: anchors)")
             ax.set_ylabel(f"PSNR [dB] ({res['eval']} held-out samples)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower left")
     fig.suptitle("One guided BNS solver for w in [1, 8] against per-scale BNS and dedicated solvers")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
