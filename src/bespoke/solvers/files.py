@@ -3,11 +3,11 @@
 One file holds one solver per NFE, or per range of NFEs for the solvers that serve one (a learned schedule,
 an NFE-agnostic Bespoke solver: key "LO-HI", every NFE in it that its method takes). A file of guided BNS
 solvers (one per NFE, each serving a range of guidance scales: fields guidance_anchors, guidance_convention)
-records the range in its model record, {"range": [LO, HI], "convention": ...}, instead of one weight. Tensors are named
-`nfe{KEY}.{parameter}` and hold the raw float64
-parameters, so a loaded solver samples bit for bit like the one that was saved. The metadata says
-what the file is for (model fingerprint, guidance, path), what each solver is (kind, NFE, init,
-preconditioning, times for reading) and how it was trained. Loading validates all of it.
+records the range in its model record, {"range": [LO, HI], "convention": ...}, instead of one weight.
+Tensors are named `nfe{KEY}.{parameter}` and hold the raw float64 parameters, so a loaded solver samples bit
+for bit like the one that was saved. The metadata says what the file is for (model fingerprint, guidance,
+path), what each solver is (kind, NFE, init, preconditioning, times for reading) and how it was trained.
+Loading validates all of it.
 """
 
 from __future__ import annotations
