@@ -180,7 +180,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
             raise BespokeError(f"BespokeScheduler has no solver for {n} steps; it has NFE {have}")
         self._solver = self._solvers[n]
         if isinstance(self._solver, GuidedBNSSolver):
-            ns = self._solver.at_scale(self._solver.check_scale(self._scale(guidance_scale)))
+            ns = self._solver.at_scale(self._scale(guidance_scale))  # refused out of its range
             ns = ns.to_ns(self._schedule.scheduler)
             self._solver = {"times": ns.times, "a": ns.a.tolist(), "b": ns.b.tolist(), "start_scale": ns.start_scale}
         self.num_inference_steps = n

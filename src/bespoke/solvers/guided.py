@@ -233,7 +233,7 @@ class GuidedBNSSolver(Learned):
                 f"a guided solver has an NS form per guidance scale: call to_ns(flow) with a flow that has one, "
                 f"or at_scale(w).to_ns(...) (it serves {self.range_text()})"
             )
-        return self.at_scale(self.check_scale(self.scale_of(target))).to_ns(target, ode_end)
+        return self.at_scale(self.scale_of(target)).to_ns(target, ode_end)  # at_scale checks the range
 
     # --- file state (solvers/files.py) ------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
